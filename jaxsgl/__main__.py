@@ -1,0 +1,5 @@
+import sys
+
+from jaxsgl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""Flax NNX Llama family (Llama 2/3/3.1, Mistral-shaped, Qwen2 with q/k/v bias).
+
+Dimension letters, used in shape comments, einsum strings and logical axis names:
+  T tokens (ragged, all sequences of a step packed back to back)   S sequences
+  D model dim   N q heads   K kv heads   H head dim   F ffn dim   V vocab   L layers
+
+Activations are token-major: a step carries `[T, D]` whatever mix of sequences it holds, so the
+engine can batch requests of different lengths in one call. Layer weights are stacked on a
+leading L axis and run under `lax.scan`, which keeps compile time flat in depth.
+
+Every parameter carries `logical_axes` metadata; `jaxsgl.sharding` maps those names to mesh axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxsgl.config import ModelConfig
+from jaxsgl.model import attention
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ForwardInputs:
+    """One step's token-major inputs. Padding tokens carry `segment_ids == -1`."""
+
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, position of each token inside its own sequence
+    segment_ids: jax.Array  # [T] int32, which sequence of the step each token belongs to
+    logits_indices: jax.Array  # [S] int32, rows of T whose next-token logits are wanted
+
+
+def _param(
+    rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, fan_in: int
+) -> nnx.Param:
+    w = jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)
+    return nnx.Param(w.astype(dtype), logical_axes=axes)
+
+
+def _ones(shape: tuple[int, ...], axes: tuple[str | None, ...], dtype) -> nnx.Param:
+    return nnx.Param(jnp.ones(shape, dtype), logical_axes=axes)
+
+
+class LlamaLayers(nnx.Module):
+    """All decoder layers, each weight stacked as `[L, ...]`."""
+
+    def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+        L, D, N, K, H, F = (
+            cfg.num_layers,
+            cfg.hidden_size,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.intermediate_size,
+        )
+        self.attn_norm = _ones((L, D), ("layers", "embed"), dtype)
+        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), dtype, D)
+        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, D)
+        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, D)
+        self.wo = _param(
+            rngs, (L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), dtype, N * H
+        )
+        if cfg.attention_bias:
+            self.bq = _param(rngs, (L, N, H), ("layers", "q_heads", "head_dim"), dtype, D)
+            self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype, D)
+            self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype, D)
+        self.mlp_norm = _ones((L, D), ("layers", "embed"), dtype)
+        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dtype, D)
+        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dtype, D)
+        self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dtype, F)
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.cfg = cfg
+        D, V = cfg.hidden_size, cfg.vocab_size
+        self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, 1)
+        self.layers = LlamaLayers(cfg, dtype, rngs)
+        self.final_norm = _ones((D,), ("embed",), dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dtype, D)
+
+    def __call__(self, inputs: ForwardInputs) -> jax.Array:
+        """Next-token logits `[S, V]` (float32) at `inputs.logits_indices`."""
+        cfg = self.cfg
+        x = self.embed[...][inputs.tokens]  # [T, D]
+        cos, sin = rope_tables(cfg, inputs.positions)  # [T, H/2] each
+        weights = nnx.to_pure_dict(nnx.state(self.layers))
+
+        def layer(x, w):
+            return decoder_layer(cfg, w, x, cos, sin, inputs), None
+
+        x, _ = jax.lax.scan(layer, x, weights)
+        x = x[inputs.logits_indices]  # [S, D]: the LM head only where logits are wanted
+        x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
+        if cfg.tie_word_embeddings:
+            logits = jnp.einsum("SD,VD->SV", x, self.embed[...])
+        else:
+            logits = jnp.einsum("SD,DV->SV", x, self.lm_head[...])
+        return logits.astype(jnp.float32)
+
+
+def decoder_layer(
+    cfg: ModelConfig,
+    w: dict[str, jax.Array],
+    x: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    inputs: ForwardInputs,
+) -> jax.Array:
+    """One pre-norm block on `x [T, D]`; `w` holds this layer's slice of the stacked weights."""
+    h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+    q = jnp.einsum("TD,DNH->TNH", h, w["wq"])  # [T, N, H]
+    k = jnp.einsum("TD,DKH->TKH", h, w["wk"])  # [T, K, H]
+    v = jnp.einsum("TD,DKH->TKH", h, w["wv"])  # [T, K, H]
+    if "bq" in w:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    o = attention.ragged_dense_attention(
+        q, k, v, inputs.segment_ids, inputs.positions, scale=cfg.head_dim**-0.5
+    )  # [T, N, H]
+    x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
+
+    h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
+    gate = jnp.einsum("TD,DF->TF", h, w["w_gate"])  # [T, F]
+    up = jnp.einsum("TD,DF->TF", h, w["w_up"])  # [T, F]
+    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"])
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    # Normalise in float32 and cast back before the weight multiply, as the reference does.
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return weight * xf.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies `[H/2]` (float32), with Llama-3.1 `llama3` scaling if configured."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    # Long wavelengths are slowed down by `factor`, short ones kept, the band between blended.
+    old = rs.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > old / rs.low_freq_factor, inv / rs.factor, inv)
+    smooth = (old / wavelen - rs.low_freq_factor) / (rs.high_freq_factor - rs.low_freq_factor)
+    blended = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = (wavelen >= old / rs.high_freq_factor) & (wavelen <= old / rs.low_freq_factor)
+    return np.where(medium, blended, scaled).astype(np.float32)
+
+
+def rope_tables(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    freqs = positions.astype(jnp.float32)[:, None] * rope_inv_freq(cfg)[None, :]  # [T, H/2]
+    return jnp.cos(freqs), jnp.sin(freqs)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE on `x [T, heads, H]`: pairs are (i, i + H/2), the HF layout."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)  # [T, heads, H/2] each
+    c, s = cos[:, None, :], sin[:, None, :]
+    out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    return out.astype(x.dtype)
