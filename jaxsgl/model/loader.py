@@ -129,7 +129,7 @@ def load_model(
 
         return restore_converted(path, dtype=dtype, mesh=mesh)
     source = open_source(path, fmt)
-    cfg = ModelConfig.from_hf_dict(source.hf_config(), str(path))
+    cfg = ModelConfig.from_hf_dict(source.hf_config(), str(getattr(source, "config_path", path)))
     return _build(cfg, resolve_dtype(dtype, cfg), mesh, source, path, seed, progress)
 
 

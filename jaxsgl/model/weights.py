@@ -35,7 +35,8 @@ class SafetensorsFolder:
 
     def __init__(self, folder: str | Path):
         self.path = Path(folder)
-        if not (self.path / "config.json").is_file():
+        self.config_path = self.path / "config.json"
+        if not self.config_path.is_file():
             raise ValueError(f"{self.path}: no config.json in this folder")
         index = self.path / "model.safetensors.index.json"
         if index.is_file():

@@ -1,0 +1,90 @@
+"""Tensor parallelism on fake CPU devices gives the logits of one device."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+from tiny_models import make_tiny
+
+from jaxsgl import sharding
+from jaxsgl.config import PRESETS, ModelConfig
+from jaxsgl.model.loader import load_model
+from jaxsgl.model.recompute import RecomputeModel, pack
+
+PROMPTS = [list(range(3, 40)), [7, 9, 11, 13, 200], list(range(100, 160))]
+
+
+def _logits(model_path, tp, **kw):
+    loaded = load_model(model_path, mesh=sharding.make_mesh(tp), progress=False, **kw)
+    return loaded, np.asarray(RecomputeModel(loaded.model).logits(pack(PROMPTS)))[:3]
+
+
+@pytest.fixture(scope="module")
+def gqa4_folder(tmp_path_factory):
+    # 8 q heads, 2 kv heads: tp 4 and 8 exercise kv heads < tensor size.
+    folder = tmp_path_factory.mktemp("gqa4")
+    make_tiny("llama31_tied_gqa4", folder)
+    return folder
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_logits_match_single_device(gqa4_folder, tp):
+    _, base = _logits(gqa4_folder, 1)
+    loaded, got = _logits(gqa4_folder, tp)
+    np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)
+    layers = loaded.model.layers
+    # The split is real: q heads and the MLP live on `tp` devices in different pieces.
+    assert layers.wq[...].sharding.spec[2] == "tensor"
+    assert layers.w_gate[...].sharding.spec[2] == "tensor"
+    assert layers.w_down[...].sharding.spec[1] == "tensor"
+    assert len({str(s.index) for s in layers.wq[...].addressable_shards}) == tp
+    # kv heads are replicated up to the tensor size when there are fewer of them.
+    assert layers.wk[...].shape[2] == max(2, tp)
+    assert layers.wk[...].sharding.spec[2] == "tensor"
+
+
+def test_qwen2_bias_under_tensor_parallel(tmp_path):
+    make_tiny("qwen2_bias", tmp_path)
+    _, base = _logits(tmp_path, 1)
+    loaded, got = _logits(tmp_path, 4)
+    np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)
+    assert loaded.model.layers.bk[...].sharding.spec[1] == "tensor"
+
+
+def test_heads_not_divisible_fall_back_to_replicated_attention():
+    # SmolLM2's 9 q heads do not split over 2 devices; the MLP still does.
+    cfg = dataclasses.replace(PRESETS["smollm2-135m"], num_layers=2)
+    assert cfg.num_heads % 2
+    mesh1, mesh2 = sharding.make_mesh(1), sharding.make_mesh(2)
+    rules = sharding.model_rules(cfg, mesh2)
+    assert rules.rules["q_heads"] is None and rules.rules["mlp"] == "tensor"
+    # Same random weights on both meshes: dummy init is deterministic given the seed.
+    a = _dummy_logits(cfg, mesh1)
+    b = _dummy_logits(cfg, mesh2)
+    np.testing.assert_allclose(b, a, atol=1e-4, rtol=0)
+
+
+def _dummy_logits(cfg: ModelConfig, mesh):
+    from jaxsgl.model import loader
+
+    loaded = loader._build(cfg, jax.numpy.float32, mesh, None, None, seed=3, progress=False)
+    return np.asarray(RecomputeModel(loaded.model).logits(pack(PROMPTS)))[:3]
+
+
+def test_kv_head_repeats():
+    cfg = PRESETS["llama-3-8b"]  # 32 q / 8 kv heads
+    assert [sharding.kv_head_repeats(cfg, tp) for tp in (1, 2, 4, 8, 16, 32)] == [
+        1,
+        1,
+        1,
+        1,
+        2,
+        4,
+    ]
+    assert sharding.sharded_config(cfg, 16).num_kv_heads == 16
+
+
+def test_mesh_needs_enough_devices():
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        sharding.make_mesh(16)
