@@ -21,3 +21,15 @@ def smollm2_path():
     from jaxsgl.model.loader import resolve_model_path
 
     return resolve_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(smollm2_path):
+    """transformers' own model from the same GGUF (PyTorch, float32): the reference."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    )
+    return model.eval()
