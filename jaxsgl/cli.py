@@ -72,8 +72,8 @@ def _load(args):
 
 
 def _generate(args) -> int:
+    from jaxsgl.detokenizer import IncrementalDetokenizer
     from jaxsgl.model.recompute import RecomputeModel
-    from jaxsgl.tokenizer import IncrementalDetokenizer
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")

@@ -57,8 +57,13 @@ def test_greedy_32_tokens_match_transformers(ours, reference, prompts, tokenizer
     got = ours.greedy(prompts, max_new_tokens=32)  # all prompts in one packed batch
     for ids, out in zip(prompts, got, strict=True):
         with torch.no_grad():
-            seq = reference.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                     eos_token_id=None, pad_token_id=0)
-        assert out == seq[0, len(ids):].tolist()
+            seq = reference.generate(
+                torch.tensor([ids]),
+                max_new_tokens=32,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        assert out == seq[0, len(ids) :].tolist()
     answer = tokenizer.decode(got[0], skip_special_tokens=True)
     assert "Paris" in answer, answer
