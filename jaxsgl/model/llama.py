@@ -2,7 +2,8 @@
 
 Dimension letters, used in shape comments, einsum strings and logical axis names:
   T tokens (ragged, all sequences of a step packed back to back)   S sequences
-  D model dim   N q heads   K kv heads   H head dim   F ffn dim   V vocab   L layers
+  D model dim   N q heads   K kv heads   R q heads per kv head   H head dim   F ffn dim
+  V vocab   L layers   P pages   G page size   C context slots (P·G)   Q queries per sequence
 
 Activations are token-major: a step carries `[T, D]` whatever mix of sequences it holds, so the
 engine can batch requests of different lengths in one call. Layer weights are stacked on a
@@ -13,7 +14,6 @@ Every parameter carries `logical_axes` metadata; `jaxsgl.sharding` maps those na
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import jax
@@ -23,17 +23,7 @@ from flax import nnx
 
 from jaxsgl.config import ModelConfig
 from jaxsgl.model import attention
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ForwardInputs:
-    """One step's token-major inputs. Padding tokens carry `segment_ids == -1`."""
-
-    tokens: jax.Array  # [T] int32
-    positions: jax.Array  # [T] int32, position of each token inside its own sequence
-    segment_ids: jax.Array  # [T] int32, which sequence of the step each token belongs to
-    logits_indices: jax.Array  # [S] int32, rows of T whose next-token logits are wanted
+from jaxsgl.model.forward_batch import ForwardBatch, KVPool
 
 
 def _param(
@@ -86,24 +76,30 @@ class Llama(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (D, V), ("embed", "vocab"), dtype, D)
 
-    def __call__(self, inputs: ForwardInputs) -> jax.Array:
-        """Next-token logits `[S, V]` (float32) at `inputs.logits_indices`."""
+    def __call__(self, batch: ForwardBatch, kv: KVPool) -> tuple[jax.Array, KVPool]:
+        """Writes the step's K/V into `kv` and returns next-token logits `[R, V]` (float32) at
+        `batch.logits_indices`, with the updated pool."""
         cfg = self.cfg
-        x = self.embed[...][inputs.tokens]  # [T, D]
-        cos, sin = rope_tables(cfg, inputs.positions)  # [T, H/2] each
+        x = self.embed[...][batch.tokens]  # [T, D]
+        cos, sin = rope_tables(cfg, batch.positions)  # [T, H/2] each
         weights = nnx.to_pure_dict(nnx.state(self.layers))
 
-        def layer(x, w):
-            return decoder_layer(cfg, w, x, cos, sin, inputs), None
+        # The pool rides in the carry, so each layer's writes update it in place.
+        def layer(carry, xs):
+            x, k_pool, v_pool = carry
+            w, l = xs
+            x, k_l, v_l = decoder_layer(cfg, w, x, cos, sin, batch, k_pool[l], v_pool[l])
+            return (x, k_pool.at[l].set(k_l), v_pool.at[l].set(v_l)), None
 
-        x, _ = jax.lax.scan(layer, x, weights)
-        x = x[inputs.logits_indices]  # [S, D]: the LM head only where logits are wanted
+        layer_ids = jnp.arange(cfg.num_layers)
+        (x, k, v), _ = jax.lax.scan(layer, (x, kv.k, kv.v), (weights, layer_ids))
+        x = x[batch.logits_indices]  # [R, D]: the LM head only where logits are wanted
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
-            logits = jnp.einsum("SD,VD->SV", x, self.embed[...])
+            logits = jnp.einsum("RD,VD->RV", x, self.embed[...])
         else:
-            logits = jnp.einsum("SD,DV->SV", x, self.lm_head[...])
-        return logits.astype(jnp.float32)
+            logits = jnp.einsum("RD,DV->RV", x, self.lm_head[...])
+        return logits.astype(jnp.float32), KVPool(k=k, v=v)
 
 
 def decoder_layer(
@@ -112,9 +108,12 @@ def decoder_layer(
     x: jax.Array,
     cos: jax.Array,
     sin: jax.Array,
-    inputs: ForwardInputs,
-) -> jax.Array:
-    """One pre-norm block on `x [T, D]`; `w` holds this layer's slice of the stacked weights."""
+    batch: ForwardBatch,
+    k_pool: jax.Array,
+    v_pool: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One pre-norm block on `x [T, D]`; `w` is this layer's slice of the stacked weights and
+    `k_pool`/`v_pool` its `[K, slots, H]` pool, returned with the step's K/V written."""
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("TD,DNH->TNH", h, w["wq"])  # [T, N, H]
     k = jnp.einsum("TD,DKH->TKH", h, w["wk"])  # [T, K, H]
@@ -122,15 +121,15 @@ def decoder_layer(
     if "bq" in w:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    o = attention.ragged_dense_attention(
-        q, k, v, inputs.segment_ids, inputs.positions, scale=cfg.head_dim**-0.5
-    )  # [T, N, H]
+    k_pool = attention.write_kv(k_pool, k, batch.write_slots)
+    v_pool = attention.write_kv(v_pool, v, batch.write_slots)
+    o = attention.paged_attention(q, k_pool, v_pool, batch, scale=cfg.head_dim**-0.5)
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
 
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("TD,DF->TF", h, w["w_gate"])  # [T, F]
     up = jnp.einsum("TD,DF->TF", h, w["w_up"])  # [T, F]
-    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"])
+    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"]), k_pool, v_pool
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -1,7 +1,8 @@
-"""Logits and greedy generation by full recompute: no KV cache, every step runs whole sequences.
+"""Logits and greedy generation by full recompute: every step runs whole sequences through a
+fresh KV pool, with no cache kept between steps.
 
-This is the correctness baseline the paged engine is checked against, and what `jaxsgl generate`
-runs. Token counts are padded to powers of two so a growing sequence compiles only a few shapes.
+This is the correctness baseline the engine is checked against. Shapes are padded to powers of
+two so a growing sequence compiles only a few programs.
 """
 
 from __future__ import annotations
@@ -9,63 +10,66 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxsgl.model.llama import ForwardInputs, Llama
+from jaxsgl.model.forward_batch import (
+    ForwardBatch,
+    KVPool,
+    SeqChunk,
+    bucket,
+    fit_shape,
+    kv_pool_sharding,
+    pack_chunks,
+)
+from jaxsgl.model.llama import Llama
+
+PAGE_SIZE = 16
 
 
-def bucket(n: int, minimum: int = 16) -> int:
-    """The padded size for `n` tokens: the next power of two, at least `minimum`."""
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+def pack(seqs: Sequence[Sequence[int]], all_logits: bool = False) -> tuple[ForwardBatch, int]:
+    """A batch running `seqs` from scratch, and the pool size (in pages) it needs.
 
-
-def pack(seqs: Sequence[Sequence[int]], all_positions: bool = False) -> ForwardInputs:
-    """Pack sequences back to back into one padded step.
-
-    Example: seqs [[5 6 7], [8 9]] -> tokens [5 6 7 8 9 0 ...], segment_ids [0 0 0 1 1 -1 ...],
-    positions [0 1 2 0 1 0 ...]; logits at the last token of each ([2, 4]) or, with
-    `all_positions`, at every token of the padded step. Callers slice off the padding rows.
+    Sequence i gets consecutive pages after those of sequence i - 1, starting at page 1.
     """
-    lengths = [len(s) for s in seqs]
-    if min(lengths, default=0) == 0:
+    if min((len(s) for s in seqs), default=0) == 0:
         raise ValueError("every sequence needs at least one token")
-    total = sum(lengths)
-    T = bucket(total)
-    tokens = np.zeros(T, np.int32)
-    positions = np.zeros(T, np.int32)
-    segments = np.full(T, -1, np.int32)
-    tokens[:total] = np.concatenate([np.asarray(s, np.int32) for s in seqs])
-    positions[:total] = np.concatenate([np.arange(n) for n in lengths])
-    segments[:total] = np.repeat(np.arange(len(seqs)), lengths)
-    if all_positions:
-        indices = np.arange(T)
-    else:  # padded to a bucket too, so a shrinking batch reuses compiled shapes
-        indices = np.zeros(bucket(len(seqs), minimum=1), np.int64)
-        indices[: len(seqs)] = np.cumsum(lengths) - 1
-    return ForwardInputs(
-        tokens=jnp.asarray(tokens),
-        positions=jnp.asarray(positions),
-        segment_ids=jnp.asarray(segments),
-        logits_indices=jnp.asarray(indices, dtype=jnp.int32),
-    )
+    chunks, next_page = [], 1
+    for s in seqs:
+        n = -(-len(s) // PAGE_SIZE)
+        chunks.append(SeqChunk(list(s), 0, range(next_page, next_page + n), all_logits))
+        next_page += n
+    batch = pack_chunks(chunks, PAGE_SIZE, fit_shape(chunks, PAGE_SIZE))
+    return batch, bucket(next_page)
 
 
 class RecomputeModel:
-    """A jitted `ForwardInputs -> logits` over a model's split state."""
+    """A jitted `(batch) -> logits` over a model's split state, with a throwaway pool."""
 
     def __init__(self, model: Llama):
         self.graphdef, self.state = nnx.split(model)
-        self._forward = jax.jit(lambda state, inputs: nnx.merge(self.graphdef, state)(inputs))
+        cfg = model.cfg
+        mesh = model.embed[...].sharding.mesh
+        pool_sharding = kv_pool_sharding(cfg, mesh)
+        dtype = model.embed[...].dtype
 
-    def logits(self, inputs: ForwardInputs) -> jax.Array:
-        return self._forward(self.state, inputs)
+        def forward(state, batch, num_pages):
+            shape = (cfg.num_layers, cfg.num_kv_heads, num_pages * PAGE_SIZE, cfg.head_dim)
+            zeros = jax.lax.with_sharding_constraint(jax.numpy.zeros(shape, dtype), pool_sharding)
+            logits, _ = nnx.merge(self.graphdef, state)(batch, KVPool(k=zeros, v=zeros))
+            return logits
+
+        self._forward = jax.jit(forward, static_argnums=2)
+
+    def logits(self, seqs: Sequence[Sequence[int]], all_logits: bool = False) -> np.ndarray:
+        """Logits rows: the last token of each sequence, or every token with `all_logits`."""
+        batch, num_pages = pack(seqs, all_logits)
+        rows = sum(len(s) for s in seqs) if all_logits else len(seqs)
+        return np.asarray(self._forward(self.state, batch, num_pages))[:rows]
 
     def sequence_logits(self, seq: Sequence[int]) -> np.ndarray:
         """Next-token logits `[len(seq), V]` at every position of one sequence."""
-        out = self.logits(pack([seq], all_positions=True))
-        return np.asarray(out[: len(seq)])
+        return self.logits([seq], all_logits=True)
 
     def greedy(
         self,
@@ -86,9 +90,9 @@ class RecomputeModel:
             active = [i for i in range(len(seqs)) if not done[i]]
             if not active:
                 break
-            nxt = np.asarray(jnp.argmax(self.logits(pack([seqs[i] for i in active])), axis=-1))
+            nxt = self.logits([seqs[i] for i in active]).argmax(axis=-1)
             step: list[int | None] = [None] * len(seqs)
-            for i, tok in zip(active, nxt[: len(active)].tolist(), strict=True):
+            for i, tok in zip(active, nxt.tolist(), strict=True):
                 seqs[i].append(tok)
                 outs[i].append(tok)
                 step[i] = tok

@@ -1,0 +1,186 @@
+"""What crosses into the jitted step: one ragged batch and the paged KV pool.
+
+Letters as in `jaxsgl.model.llama`, plus P pages per sequence in the page table, G page size,
+C = P·G context slots per sequence, Q the padded number of new tokens per sequence.
+
+A step holds S sequences whose new tokens lie back to back in T rows. Sequence s owns rows
+`q_start[s] : q_start[s] + q_lens[s]`; its context after the step is `seq_lens[s]` tokens whose
+K/V live in the pages `page_table[s, :ceil(seq_lens[s] / G)]`. Extend (prefill, a chunk, a
+radix-cache hit) and decode (q_lens = 1) are the same structure.
+
+Example, page size 4: sequence 0 has a cached prefix [a b c d e] in pages [7, 3] and two new
+tokens [f g]; sequence 1 decodes its 3rd token. Then tokens = [f g x], q_start = [0 2],
+q_lens = [2 1], seq_lens = [7 3], positions = [5 6 2], page_table = [[7 3], [9 0]],
+write_slots = [3*4+1, 3*4+2, 9*4+2] = [13 14 38].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxsgl.config import ModelConfig
+
+# Page 0 is never given to a sequence: padding tokens write their K/V there.
+SCRATCH_PAGE = 0
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=[
+        "tokens",
+        "positions",
+        "write_slots",
+        "token_seq",
+        "q_start",
+        "q_lens",
+        "seq_lens",
+        "page_table",
+        "logits_indices",
+    ],
+    meta_fields=["max_q_len", "page_size"],
+)
+@dataclasses.dataclass(frozen=True)
+class ForwardBatch:
+    tokens: jax.Array  # [T] int32
+    positions: jax.Array  # [T] int32, position inside the token's own sequence
+    write_slots: jax.Array  # [T] int32, pool slot (page * G + offset) for the token's new K/V
+    token_seq: jax.Array  # [T] int32, sequence of each token (padding: 0, never read back)
+    q_start: jax.Array  # [S] int32, first row of each sequence's new tokens
+    q_lens: jax.Array  # [S] int32, new tokens per sequence (0 for padding sequences)
+    seq_lens: jax.Array  # [S] int32, context length after this step
+    page_table: jax.Array  # [S, P] int32, context pages in order (padding: SCRATCH_PAGE)
+    logits_indices: jax.Array  # [R] int32, rows of T whose next-token logits are wanted
+    max_q_len: int  # Q, static: every q_lens[s] <= Q (1 for decode steps)
+    page_size: int  # G, static
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVPool:
+    """Keys and values of every layer, one slot per token: `[L, K, num_pages * G, H]`.
+
+    Head-major, so a kv head's pages are contiguous (what paged kernels read), and the K axis
+    is what tensor parallelism splits.
+    """
+
+    k: jax.Array  # [L, K, P_total * G, H]
+    v: jax.Array  # [L, K, P_total * G, H]
+
+    @property
+    def num_slots(self) -> int:
+        return self.k.shape[2]
+
+
+def kv_pool_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
+    """The pool splits over kv heads when they divide the tensor axis, like the k/v weights."""
+    tp = int(mesh.shape["tensor"])
+    heads = "tensor" if cfg.num_heads % tp == 0 and cfg.num_kv_heads % tp == 0 else None
+    return NamedSharding(mesh, PartitionSpec(None, heads, None, None))
+
+
+def make_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh) -> KVPool:
+    """A zeroed pool for the device model config `cfg` (kv heads already replicated)."""
+    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages * page_size, cfg.head_dim)
+    sharding = kv_pool_sharding(cfg, mesh)
+    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    return KVPool(k=zeros(), v=zeros())
+
+
+def kv_pool_bytes(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> int:
+    per_slot = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
+    return per_slot * num_pages * page_size
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+    """The padded size for `n`: the next power of two, at least `minimum`."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's part of a step, as the host sees it."""
+
+    tokens: Sequence[int]  # new tokens of this step
+    prefix_len: int  # tokens of this sequence already in the pool
+    pages: Sequence[int]  # pages covering at least prefix_len + len(tokens) tokens
+    all_logits: bool = False  # logits at every new token (prompt logprobs), else the last only
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """Padded dimensions of a step; every distinct Shape is one compiled program."""
+
+    T: int  # tokens
+    S: int  # sequences
+    Q: int  # new tokens per sequence
+    P: int  # pages per sequence
+    R: int  # logits rows
+
+
+def pack_chunks(chunks: Sequence[SeqChunk], page_size: int, shape: Shape) -> ForwardBatch:
+    """Host-side (numpy) batch for `chunks`, padded to `shape`.
+
+    The logits rows come in chunk order: for each chunk its last token, or all of its new
+    tokens when `all_logits`. `logits_rows(chunks)` gives the same layout for reading back.
+    """
+    T, S, Q, P, R = shape.T, shape.S, shape.Q, shape.P, shape.R
+    tokens = np.zeros(T, np.int32)
+    positions = np.zeros(T, np.int32)
+    write_slots = np.arange(T, dtype=np.int32) % page_size + SCRATCH_PAGE * page_size
+    token_seq = np.zeros(T, np.int32)
+    q_start = np.zeros(S, np.int32)
+    q_lens = np.zeros(S, np.int32)
+    seq_lens = np.zeros(S, np.int32)
+    page_table = np.full((S, P), SCRATCH_PAGE, np.int32)
+    logits_indices = np.zeros(R, np.int32)
+    row = out = 0
+    for s, c in enumerate(chunks):
+        n, end = len(c.tokens), c.prefix_len + len(c.tokens)
+        num_pages = -(-end // page_size)
+        assert n >= 1 and len(c.pages) >= num_pages and num_pages <= P and n <= Q
+        pos = np.arange(c.prefix_len, end)
+        pages = np.asarray(c.pages[:num_pages], np.int32)
+        tokens[row : row + n] = c.tokens
+        positions[row : row + n] = pos
+        write_slots[row : row + n] = pages[pos // page_size] * page_size + pos % page_size
+        token_seq[row : row + n] = s
+        q_start[s], q_lens[s], seq_lens[s] = row, n, end
+        page_table[s, :num_pages] = pages
+        wanted = np.arange(row, row + n) if c.all_logits else np.array([row + n - 1])
+        logits_indices[out : out + len(wanted)] = wanted
+        row, out = row + n, out + len(wanted)
+    assert row <= T and out <= R and len(chunks) <= S
+    return ForwardBatch(
+        tokens=tokens,
+        positions=positions,
+        write_slots=write_slots,
+        token_seq=token_seq,
+        q_start=q_start,
+        q_lens=q_lens,
+        seq_lens=seq_lens,
+        page_table=page_table,
+        logits_indices=logits_indices,
+        max_q_len=Q,
+        page_size=page_size,
+    )
+
+
+def fit_shape(chunks: Sequence[SeqChunk], page_size: int, minimum: Shape | None = None) -> Shape:
+    """The smallest power-of-two Shape holding `chunks` (and at least `minimum`)."""
+    lo = minimum or Shape(T=1, S=1, Q=1, P=1, R=1)
+    pages = max(-(-(c.prefix_len + len(c.tokens)) // page_size) for c in chunks)
+    rows = sum(len(c.tokens) if c.all_logits else 1 for c in chunks)
+    return Shape(
+        T=bucket(sum(len(c.tokens) for c in chunks), lo.T),
+        S=bucket(len(chunks), lo.S),
+        Q=bucket(max(len(c.tokens) for c in chunks), lo.Q),
+        P=bucket(pages, lo.P),
+        R=bucket(rows, lo.R),
+    )
