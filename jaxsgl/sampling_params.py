@@ -24,7 +24,12 @@ _FLOAT_FIELDS = (
     "presence_penalty",
     "repetition_penalty",
 )
-_BOOL_FIELDS = ("ignore_eos", "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim")
+_BOOL_FIELDS = (
+    "ignore_eos",
+    "skip_special_tokens",
+    "spaces_between_special_tokens",
+    "no_stop_trim",
+)
 _GRAMMAR_FIELDS = ("regex", "json_schema", "ebnf")
 
 
@@ -74,7 +79,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", _normalize_stop(self.stop))
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, list | tuple):
-                raise ValueError(f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}")
+                raise ValueError(
+                    f"stop_token_ids must be a list of ints, got {self.stop_token_ids!r}"
+                )
             for t in self.stop_token_ids:
                 _check_int("stop_token_ids", t)
             object.__setattr__(self, "stop_token_ids", list(self.stop_token_ids))

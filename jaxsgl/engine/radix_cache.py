@@ -52,7 +52,8 @@ class Node:
         self.removed = False
 
     def __repr__(self) -> str:
-        return f"Node(key={self.key[:8]}.., pages={self.pages}, lock_ref={self.lock_ref})"
+        key = f"{list(self.key[:8])}{'...' if len(self.key) > 8 else ''}"
+        return f"Node(key={key}, pages={self.pages}, lock_ref={self.lock_ref})"
 
 
 @dataclass(frozen=True)
@@ -353,7 +354,7 @@ class RadixCache:
                     n += ps
                 child = self._split(child, n)
             node, pos = child, pos + n
-            node.last_access = tick
+            pass
             if node.heap_index >= 0:
                 self._heap.touched(node)
         return node, pos

@@ -1,0 +1,228 @@
+"""The engine loop: schedule, run, postprocess, emit — on one background thread.
+
+    while running:
+        take new and aborted requests
+        batch = scheduler.schedule()
+        result = runner.run(batch)
+        postprocess: append tokens, stream text, finish, cache, free
+
+Callers talk to it through `submit` and `abort` (thread safe); each request's events go to its
+`on_event` callback from the engine thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import queue
+import random
+import threading
+import time
+from typing import Any
+
+from jaxsgl.engine.model_runner import ModelRunner, enable_compilation_cache
+from jaxsgl.engine.options import EngineOptions
+from jaxsgl.engine.output import OutputState
+from jaxsgl.engine.postprocess import emit, record_step
+from jaxsgl.engine.request import Request, Status
+from jaxsgl.engine.scheduler import Scheduler
+from jaxsgl.engine.sizing import context_length_for, kv_pages_for
+from jaxsgl.model.loader import load_model, resolve_model_path
+from jaxsgl.sampler import RowState
+from jaxsgl.sharding import make_mesh
+from jaxsgl.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+class EngineStats:
+    """Counters the server exports; updated on the engine thread."""
+
+    def __init__(self):
+        self.num_requests = 0
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.cached_tokens = 0
+        self.num_aborted = 0
+        self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
+        self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
+
+    @property
+    def cache_hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class Engine:
+    def __init__(self, options: EngineOptions, progress: bool = True):
+        self.options = options
+        enable_compilation_cache(options.compilation_cache_dir)
+        mesh = make_mesh(options.tp_size)
+        self.loaded = load_model(
+            options.model_path,
+            load_format=options.load_format,
+            dtype=options.dtype,
+            mesh=mesh,
+            seed=options.random_seed,
+            progress=progress,
+        )
+        cfg = self.loaded.config
+        self.tokenizer = None
+        if options.load_format != "dummy":
+            self.tokenizer = load_tokenizer(
+                self.loaded.path or resolve_model_path(options.model_path)
+            )
+        self.eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
+        self.context_length = context_length_for(options, cfg)
+        num_pages = kv_pages_for(options, self.loaded, self.context_length)
+        self.runner = ModelRunner(
+            self.loaded, num_pages, options.page_size, cfg.vocab_size, self.eos_ids
+        )
+        self.scheduler = Scheduler(options, num_pages, self.context_length)
+        if options.warmup:
+            self.runner.warmup(
+                options.max_running_requests,
+                self.context_length,
+                options.chunk_tokens,
+                progress=progress,
+            )
+        self.stats = EngineStats()
+        self.outputs: dict[int, OutputState] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._requests: dict[str, Request] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._seeds = random.Random(options.random_seed)  # for requests without a seed
+        logger.info(
+            "engine ready: %d KV pages of %d tokens, context %d",
+            num_pages,
+            options.page_size,
+            self.context_length,
+        )
+
+    # -- API, any thread -----------------------------------------------------------------------
+    def submit(self, req: Request) -> None:
+        """Queue a request (validated by the caller); its events go to `req.on_event`."""
+        self._inbox.put(("add", req))
+
+    def abort(self, rid: str) -> None:
+        self._inbox.put(("abort", rid))
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="jaxsgl-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake", None))
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    # -- engine thread ------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            idle = not self.scheduler.has_work
+            self._drain(timeout=0.05 if idle else None)
+            try:
+                ran = self.step()
+            except Exception:  # one bad step must not kill the engine: fail its requests
+                logger.exception("engine step failed")
+                self._fail_running("internal error in the engine step")
+                ran = True
+            if not ran and self.scheduler.has_work:
+                time.sleep(0.0005)  # waiting out the batching window
+
+    def _drain(self, timeout: float | None) -> None:
+        try:
+            item = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._handle(*item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, kind: str, payload: Any) -> None:
+        if kind == "add":
+            self._add(payload)
+        elif kind == "abort":
+            req = self._requests.get(payload)
+            if req is not None:
+                self.outputs[id(req)].abort("aborted by the client")
+                self._finish(req)
+        elif kind == "call":
+            payload()
+
+    def _add(self, req: Request) -> None:
+        seed = req.params.sampling_seed
+        req.seed = self._seeds.getrandbits(32) if seed is None else seed
+        self._requests[req.rid] = req
+        self.outputs[id(req)] = OutputState(req, self.tokenizer)
+        try:
+            self.scheduler.add(req)
+        except ValueError as e:
+            self.outputs[id(req)].abort(str(e))
+            self._finish(req)
+
+    def step(self) -> bool:
+        """Schedule and run one batch; False when there was nothing to run."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return False
+        rows = [self._row_state(r) for r in batch.reqs]
+        k = max((r.top_logprobs_num for r in batch.reqs if r.return_logprob), default=0)
+        targets = [
+            self._targets(r, c) if c.all_logits else None
+            for r, c in zip(batch.reqs, batch.chunks, strict=True)
+        ]
+        result = self.runner.run(
+            batch.chunks,
+            rows,
+            decode=batch.kind == "decode",
+            top_logprobs_num=k,
+            target_ids=targets,
+        )
+        record_step(self, batch, result)
+        for req in batch.reqs:
+            if req.finish_reason is not None:
+                self._finish(req)
+            else:
+                emit(self, req, finished=False)
+        return True
+
+    def _row_state(self, req: Request) -> RowState:
+        return RowState(
+            params=req.params,
+            seed=req.seed,
+            num_output_tokens=len(req.output_ids),
+            output_counts=collections.Counter(req.output_ids),
+            prompt_ids=req.prompt_ids,
+        )
+
+    def _targets(self, req: Request, chunk) -> list[int]:
+        start = chunk.prefix_len + 1
+        nxt = req.tokens[start : start + len(chunk.tokens)]
+        return nxt + [0] * (len(chunk.tokens) - len(nxt))
+
+    def _finish(self, req: Request) -> None:
+        if req.status is not Status.FINISHED:
+            req.status = Status.FINISHED
+            self.scheduler.remove(req)
+            self.stats.num_requests += 1
+            self.stats.num_aborted += req.finish_reason.get("type") == "abort"
+        emit(self, req, finished=True)
+        self._requests.pop(req.rid, None)
+        self.outputs.pop(id(req), None)
+
+    def _fail_running(self, message: str) -> None:
+        for req in list(self.scheduler.running):
+            self.outputs[id(req)].abort(message)
+            self._finish(req)
+
+    def run_on_engine_thread(self, fn) -> None:
+        """Run `fn()` between steps (flush, integrity checks); fire and forget."""
+        self._inbox.put(("call", fn))
+
+    def check_integrity(self) -> None:
+        self.scheduler.check_integrity()

@@ -1,0 +1,75 @@
+"""Engine options: one frozen dataclass carrying SGLang's server flags under their names."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    model_path: str | None = None  # None: the embedded SmolLM2
+    load_format: str = "auto"
+    dtype: str = "auto"
+    tp_size: int = 1
+    dp_size: int = 1
+    context_length: int | None = None  # None: the model's own maximum
+    mem_fraction_static: float = 0.85  # accelerators: share of free memory for weights + KV
+    max_total_tokens: int | None = None  # KV pool size in tokens; None: from memory
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048  # -1 disables chunking
+    max_prefill_tokens: int = 16384  # tokens of one extend step across requests
+    schedule_policy: str = "fcfs"
+    schedule_conservativeness: float = 1.0  # > 1 reserves more memory for running decodes
+    schedule_constraint_ms: float = 0.0  # batching window before a prefill
+    disable_radix_cache: bool = False
+    page_size: int = 16
+    random_seed: int = 0
+    served_model_name: str | None = None
+    chat_template: str | None = None
+    warmup: bool = True  # compile the common step shapes at start
+    compilation_cache_dir: str | None = None  # persistent XLA cache; None: ~/.cache/jaxsgl/xla
+    log_level: str = "warning"
+
+    def __post_init__(self):
+        if self.schedule_policy not in SCHEDULE_POLICIES:
+            raise ValueError(
+                f"schedule_policy {self.schedule_policy!r} is not one of {SCHEDULE_POLICIES}"
+            )
+        for name in ("tp_size", "dp_size", "max_running_requests", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {self.page_size}")
+        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
+            raise ValueError(
+                f"chunked_prefill_size {self.chunked_prefill_size} is below the page size"
+            )
+        if self.schedule_constraint_ms < 0:
+            raise ValueError(
+                f"schedule_constraint_ms must be >= 0, got {self.schedule_constraint_ms}"
+            )
+        if not 0 < self.mem_fraction_static <= 1:
+            raise ValueError(
+                f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"
+            )
+
+    @classmethod
+    def from_kwargs(cls, model_path: str | None = None, **kwargs: Any) -> EngineOptions:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"unknown engine options: {', '.join(unknown)}")
+        return cls(model_path=model_path, **kwargs)
+
+    @property
+    def chunk_tokens(self) -> int:
+        """Most new tokens one extend step takes (chunking and the prefill cap together)."""
+        chunk = (
+            self.max_prefill_tokens
+            if self.chunked_prefill_size == -1
+            else min(self.chunked_prefill_size, self.max_prefill_tokens)
+        )
+        return max(chunk, self.page_size)

@@ -1,0 +1,56 @@
+"""How long a context may be and how many KV pages the pool gets."""
+
+from __future__ import annotations
+
+import logging
+
+from jaxsgl.config import ModelConfig
+from jaxsgl.engine.options import EngineOptions
+from jaxsgl.model.forward_batch import kv_pool_bytes
+from jaxsgl.model.loader import LoadedModel
+from jaxsgl.sharding import num_devices, sharded_config, tensor_size
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_TOKENS = 16384  # no memory statistics on the CPU: a modest pool
+
+
+def context_length_for(options: EngineOptions, cfg: ModelConfig) -> int:
+    if options.context_length is None:
+        return cfg.max_position_embeddings
+    if options.context_length < 2:
+        raise ValueError(f"context_length must be >= 2, got {options.context_length}")
+    return options.context_length
+
+
+def kv_pages_for(options: EngineOptions, loaded: LoadedModel, context_length: int) -> int:
+    """Pages in the pool, page 0 (scratch) included."""
+    G = options.page_size
+    if options.max_total_tokens is not None:
+        tokens = options.max_total_tokens
+    else:
+        tokens = _tokens_from_memory(options, loaded) or CPU_DEFAULT_TOKENS
+    num_pages = -(-tokens // G) + 1
+    if (num_pages - 1) * G < min(context_length, 2 * G):
+        raise ValueError(f"a KV pool of {tokens} tokens is too small to run anything")
+    return num_pages
+
+
+def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | None:
+    device = loaded.mesh.devices.flat[0]
+    stats = device.memory_stats() if device.platform != "cpu" else None
+    if not stats or "bytes_limit" not in stats:
+        return None
+    budget = stats["bytes_limit"] * options.mem_fraction_static - stats["bytes_in_use"]
+    cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
+    # The pool splits over kv heads across the tensor axis (when they divide it).
+    shards = tensor_size(loaded.mesh) if cfg.num_kv_heads % tensor_size(loaded.mesh) == 0 else 1
+    per_token = kv_pool_bytes(cfg, 1, 1, loaded.dtype) / shards
+    tokens = int(budget // per_token)
+    logger.info(
+        "KV pool: %.1f GiB per device -> %d tokens (%d devices)",
+        budget / 2**30,
+        tokens,
+        num_devices(loaded.mesh),
+    )
+    return max(tokens, 0) or None

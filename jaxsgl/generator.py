@@ -1,0 +1,256 @@
+"""`Generator`: the offline engine in one object, like `sglang.Engine`.
+
+with Generator() as gen:                       # the embedded SmolLM2
+    out = gen.generate("The capital of France is", {"max_new_tokens": 16})
+    print(out["text"], out["meta_info"]["cached_tokens"])
+    for chunk in gen.generate("Count: 1, 2,", stream=True):
+        print(chunk["text"], end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+from jaxsgl.engine.engine import Engine
+from jaxsgl.engine.options import EngineOptions
+from jaxsgl.engine.request import Request
+from jaxsgl.sampling_params import SamplingParams
+from jaxsgl.tokenizer import check_token_ids
+
+Prompt = str | list[str] | None
+Ids = list[int] | list[list[int]] | None
+
+
+class Generator:
+    def __init__(self, model_path: str | None = None, *, progress: bool = True, **options: Any):
+        """`options` take the server flags' names (`tp_size`, `max_total_tokens`, ...)."""
+        self.options = EngineOptions.from_kwargs(model_path, **options)
+        self.engine = Engine(self.options, progress=progress)
+        self.tokenizer = self.engine.tokenizer
+        self.engine.start()
+        self._ids = itertools.count()
+
+    # -- requests ---------------------------------------------------------------------------
+    def make_requests(
+        self,
+        prompt: Prompt = None,
+        sampling_params: dict | list | None = None,
+        input_ids: Ids = None,
+        *,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        namespace: str = "",
+        rid: str | list[str] | None = None,
+    ) -> tuple[list[Request], bool]:
+        """Validated engine requests (n copies per prompt for `n > 1`) and whether the caller
+        passed a batch. Raises ValueError naming whatever is wrong."""
+        prompts, batched = self._prompt_ids(prompt, input_ids)
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompts)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling_params for {len(prompts)} prompts")
+        rids = rid if isinstance(rid, list) else [rid] * len(prompts)
+        reqs = []
+        for ids, p, r in zip(prompts, params, rids, strict=True):
+            sp = p if isinstance(p, SamplingParams) else SamplingParams.from_dict(p or {})
+            sp.validate(self.engine.loaded.config.vocab_size)
+            if len(ids) >= self.engine.context_length:
+                raise ValueError(
+                    f"prompt of {len(ids)} tokens exceeds the context length "
+                    f"{self.engine.context_length}"
+                )
+            if top_logprobs_num < 0 or logprob_start_len < -1:
+                raise ValueError("top_logprobs_num must be >= 0 and logprob_start_len >= -1")
+            base = r or uuid.uuid4().hex
+            for j in range(sp.n):
+                reqs.append(
+                    Request(
+                        rid=base if sp.n == 1 else f"{base}-{j}",
+                        prompt_ids=ids,
+                        params=sp,
+                        namespace=namespace,
+                        return_logprob=return_logprob,
+                        logprob_start_len=logprob_start_len,
+                        top_logprobs_num=top_logprobs_num,
+                    )
+                )
+        return reqs, batched or any(r.params.n > 1 for r in reqs)
+
+    def _prompt_ids(self, prompt: Prompt, input_ids: Ids) -> tuple[list[list[int]], bool]:
+        if (prompt is None) == (input_ids is None):
+            raise ValueError("give exactly one of prompt and input_ids")
+        vocab = self.engine.loaded.config.vocab_size
+        if input_ids is not None:
+            batched = bool(input_ids) and isinstance(input_ids[0], list)
+            seqs = input_ids if batched else [input_ids]
+            seqs = [check_token_ids(s, vocab) for s in seqs]
+        else:
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass input_ids")
+            batched = isinstance(prompt, list)
+            texts = prompt if batched else [prompt]
+            if not all(isinstance(t, str) for t in texts):
+                raise ValueError("prompt must be a string or a list of strings")
+            seqs = [self.tokenizer.encode(t, add_special_tokens=True) for t in texts]
+        if not seqs or any(len(s) == 0 for s in seqs):
+            raise ValueError("every prompt needs at least one token")
+        return seqs, batched
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params: dict | list | None = None,
+        input_ids: Ids = None,
+        return_logprob: bool = False,
+        logprob_start_len: int = -1,
+        top_logprobs_num: int = 0,
+        stream: bool = False,
+        **kwargs: Any,
+    ) -> dict | list[dict] | Iterator[dict]:
+        """SGLang-shaped results: `{"text", "output_ids", "meta_info"}` per prompt (a list for a
+        batch), or with `stream=True` an iterator of incremental chunks."""
+        reqs, batched = self.make_requests(
+            prompt,
+            sampling_params,
+            input_ids,
+            return_logprob=return_logprob,
+            logprob_start_len=logprob_start_len,
+            top_logprobs_num=top_logprobs_num,
+            **kwargs,
+        )
+        events: queue.SimpleQueue = queue.SimpleQueue()
+        for req in reqs:
+            req.on_event = events.put
+            self.engine.submit(req)
+        if stream:
+            return self._stream(reqs, events)
+        results = _collect(reqs, iter(events.get, None))
+        return results if batched else results[0]
+
+    def _stream(self, reqs: Sequence[Request], events: queue.SimpleQueue) -> Iterator[dict]:
+        index = {r.rid: i for i, r in enumerate(reqs)}
+        left = len(reqs)
+        try:
+            while left:
+                ev = events.get()
+                left -= ev["finished"]
+                yield {**ev, "index": index[ev["rid"]]}
+        finally:
+            if left:  # the caller stopped reading: stop generating
+                for r in reqs:
+                    self.engine.abort(r.rid)
+
+    async def async_generate(
+        self,
+        prompt: Prompt = None,
+        sampling_params=None,
+        input_ids=None,
+        stream: bool = False,
+        **kwargs: Any,
+    ):
+        """`generate` for asyncio callers: awaits the result, or yields chunks with `stream`."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        reqs, batched = self.make_requests(prompt, sampling_params, input_ids, **kwargs)
+        for req in reqs:
+            req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+            self.engine.submit(req)
+        if stream:
+            return _async_stream(self.engine, reqs, events)
+        evs = []
+        left = len(reqs)
+        while left:
+            ev = await events.get()
+            evs.append(ev)
+            left -= ev["finished"]
+        results = _collect(reqs, iter(evs))
+        return results if batched else results[0]
+
+    def chat(self, messages: list[dict], sampling_params: dict | None = None, **kwargs: Any):
+        """Apply the chat template and generate the assistant's answer."""
+        if self.tokenizer is None:
+            raise ValueError("this model has no tokenizer, so no chat template")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.generate(input_ids=ids, sampling_params=sampling_params, **kwargs)
+
+    def flush_cache(self) -> bool:
+        """Drop every cached prefix; refused (False) while requests are running."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+
+        def flush():
+            busy = self.engine.scheduler.has_work
+            done.put(not busy and (self.engine.scheduler.kv.flush() >= 0))
+
+        self.engine.run_on_engine_thread(flush)
+        return done.get()
+
+    def check_integrity(self) -> dict[str, int]:
+        """Run every manager's integrity check on the engine thread; raises on a violation."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+
+        def check():
+            try:
+                self.engine.check_integrity()
+                s = self.engine.scheduler
+                done.put({"running": len(s.running), "waiting": len(s.waiting)})
+            except AssertionError as e:
+                done.put(e)
+
+        self.engine.run_on_engine_thread(check)
+        out = done.get()
+        if isinstance(out, Exception):
+            raise out
+        return out
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+def _collect(reqs: Sequence[Request], events: Iterator[dict]) -> list[dict]:
+    """Gather events until every request finished; one result dict per request."""
+    text = {r.rid: [] for r in reqs}
+    final: dict[str, dict] = {}
+    for ev in events:
+        text[ev["rid"]].append(ev["text"])
+        if ev["finished"]:
+            final[ev["rid"]] = ev
+            if len(final) == len(reqs):
+                break
+    return [
+        {
+            "text": "".join(text[r.rid]),
+            "output_ids": list(r.output_ids),
+            "meta_info": final[r.rid]["meta_info"],
+        }
+        for r in reqs
+    ]
+
+
+async def _async_stream(engine: Engine, reqs, events: asyncio.Queue) -> AsyncIterator[dict]:
+    index = {r.rid: i for i, r in enumerate(reqs)}
+    left = len(reqs)
+    try:
+        while left:
+            ev = await events.get()
+            left -= ev["finished"]
+            yield {**ev, "index": index[ev["rid"]]}
+    finally:
+        if left:
+            for r in reqs:
+                engine.abort(r.rid)
