@@ -208,7 +208,7 @@ def sample(logits: jax.Array, inputs: SamplingInputs) -> SampleOutput:
     tokens = jnp.argmax(adjusted, axis=-1)  # [S], lowest id on ties
     if inputs.mode != GREEDY:
         greedy = inputs.temperature < GREEDY_TEMPERATURE  # [S]
-        temperature = jnp.where(greedy, 1.0, 1.0)  # no 0-division on greedy rows
+        temperature = jnp.where(greedy, 1.0, inputs.temperature)  # no 0-division on greedy rows
         scaled = adjusted / temperature[:, None]  # [S, V]
         keep = min_p_mask(scaled, inputs.min_p)
         if inputs.mode == SAMPLE_SORTED:

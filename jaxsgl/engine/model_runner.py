@@ -115,8 +115,8 @@ class ModelRunner:
         )
         sample_rows, targets = self._rows(chunks, shape, target_ids)
         want = any(c.all_logits for c in chunks)
-        out, tgt, self.kv = self._step(
-            self.state, self.kv, batch, sampling, sample_rows, want, targets
+        out, tgt, self.kv = _step(
+            self.graphdef, self.state, self.kv, batch, sampling, sample_rows, want, targets
         )
         self.num_steps += 1
         n = len(chunks)
