@@ -192,11 +192,13 @@ class Engine:
         return True
 
     def _row_state(self, req: Request) -> RowState:
+        p = req.params
+        penalized = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1
         return RowState(
-            params=req.params,
+            params=p,
             seed=req.seed,
             num_output_tokens=len(req.output_ids),
-            output_counts=collections.Counter(req.output_ids),
+            output_counts=collections.Counter(req.output_ids) if penalized else {},
             prompt_ids=req.prompt_ids,
         )
 

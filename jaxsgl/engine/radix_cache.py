@@ -110,7 +110,7 @@ class _LeafHeap:
         while (c := 2 * i + 1) < len(nodes):
             if c + 1 < len(nodes) and nodes[c + 1].last_access < nodes[c].last_access:
                 c += 1
-            if node.last_access <= nodes[c].last_access:
+            if node.last_access >= nodes[c].last_access:
                 break
             self._place(nodes[c], i)
             i = c
@@ -354,7 +354,7 @@ class RadixCache:
                     n += ps
                 child = self._split(child, n)
             node, pos = child, pos + n
-            pass
+            node.last_access = tick
             if node.heap_index >= 0:
                 self._heap.touched(node)
         return node, pos
