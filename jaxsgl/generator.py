@@ -10,7 +10,6 @@ with Generator() as gen:                       # the embedded SmolLM2
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 import queue
 import uuid

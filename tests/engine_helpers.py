@@ -45,7 +45,12 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
         mask[i, width - len(p) :] = 1
     with torch.no_grad():
         out = model.generate(
-            torch.tensor(ids), attention_mask=torch.tensor(mask), max_new_tokens=max_new_tokens,
-            do_sample=False, eos_token_id=None, pad_token_id=0, min_new_tokens=max_new_tokens,
+            torch.tensor(ids),
+            attention_mask=torch.tensor(mask),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            min_new_tokens=max_new_tokens,
         )
     return [row[width:].tolist() for row in out]

@@ -8,8 +8,9 @@ from engine_helpers import GREEDY, hf_greedy, prompt_ids
 
 from jaxsgl.generator import Generator
 
-COMMON = dict(dtype="float32", max_running_requests=16, context_length=512, warmup=False,
-              progress=False)
+COMMON = dict(
+    dtype="float32", max_running_requests=16, context_length=512, warmup=False, progress=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,13 @@ def test_greedy_equals_transformers_under_retraction(prompts, reference):
 def test_prompt_logprobs_equal_transformers(hf_smollm2, prompts):
     ids = prompts[5]  # 60 tokens: several pages
     with Generator(max_total_tokens=2048, **COMMON) as gen:
-        out = gen.generate(input_ids=ids, sampling_params={"max_new_tokens": 1, "temperature": 0},
-                           return_logprob=True, logprob_start_len=0, top_logprobs_num=3)
+        out = gen.generate(
+            input_ids=ids,
+            sampling_params={"max_new_tokens": 1, "temperature": 0},
+            return_logprob=True,
+            logprob_start_len=0,
+            top_logprobs_num=3,
+        )
         gen.check_integrity()
     with torch.no_grad():
         logits = hf_smollm2(torch.tensor([ids])).logits[0].float()
