@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,7 @@ class _LeafHeap:
     def push(self, node: Node) -> None:
         assert node.heap_index == -1, node
         self.nodes.append(node)
+        self.steps += 1
         self._sift_up(len(self.nodes) - 1)
 
     def remove(self, node: Node) -> None:
@@ -110,7 +112,7 @@ class _LeafHeap:
         while (c := 2 * i + 1) < len(nodes):
             if c + 1 < len(nodes) and nodes[c + 1].last_access < nodes[c].last_access:
                 c += 1
-            if node.last_access >= nodes[c].last_access:
+            if node.last_access <= nodes[c].last_access:
                 break
             self._place(nodes[c], i)
             i = c
@@ -193,7 +195,7 @@ class RadixCache:
             return num_pages * self.page_size
         key = key[: num_pages * self.page_size]
         node, already = self._descend(root, key)
-        new_pages = list(pages[already // self.page_size :])
+        new_pages = [operator.index(p) for p in pages[already // self.page_size :]]
         if not new_pages:
             return already
         if len(set(new_pages)) != len(new_pages) or not self._pages.isdisjoint(new_pages):

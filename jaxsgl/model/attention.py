@@ -17,9 +17,11 @@ from jaxsgl.model.forward_batch import ForwardBatch
 _MASKED = -1e30
 
 
-def write_kv(pool_l: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
-    """Store `new [T, K, H]` at `slots [T]` of one layer's pool `[K, slots, H]`."""
-    return pool_l.at[:, slots].set(new.transpose(1, 0, 2).astype(pool_l.dtype))
+def write_kv(pool: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
+    """Store `new [T, K, H]` at `slots [T]` of layer `layer` of the pool `[L, K, slots, H]`.
+    Only the T rows are written: with the pool donated this is an in-place scatter."""
+    # pool[layer, :, slots] indexes as [T, K, H]: the advanced indices' dimension comes first.
+    return pool.at[layer, :, slots].set(new.astype(pool.dtype))
 
 
 def paged_attention(

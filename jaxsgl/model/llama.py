@@ -86,20 +86,19 @@ class Llama(nnx.Module):
 
         # The pool rides in the carry, so each layer's writes update it in place.
         def layer(carry, xs):
-            x, k_pool, v_pool = carry
+            x, kv = carry
             w, l = xs
-            x, k_l, v_l = decoder_layer(cfg, w, x, cos, sin, batch, k_pool[l], v_pool[l])
-            return (x, k_pool.at[l].set(k_l), v_pool.at[l].set(v_l)), None
+            return decoder_layer(cfg, w, x, cos, sin, batch, kv, l), None
 
         layer_ids = jnp.arange(cfg.num_layers)
-        (x, k, v), _ = jax.lax.scan(layer, (x, kv.k, kv.v), (weights, layer_ids))
+        (x, kv), _ = jax.lax.scan(layer, (x, kv), (weights, layer_ids))
         x = x[batch.logits_indices]  # [R, D]: the LM head only where logits are wanted
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
             logits = jnp.einsum("RD,VD->RV", x, self.embed[...])
         else:
             logits = jnp.einsum("RD,DV->RV", x, self.lm_head[...])
-        return logits.astype(jnp.float32), KVPool(k=k, v=v)
+        return logits.astype(jnp.float32), kv
 
 
 def decoder_layer(
@@ -109,11 +108,11 @@ def decoder_layer(
     cos: jax.Array,
     sin: jax.Array,
     batch: ForwardBatch,
-    k_pool: jax.Array,
-    v_pool: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One pre-norm block on `x [T, D]`; `w` is this layer's slice of the stacked weights and
-    `k_pool`/`v_pool` its `[K, slots, H]` pool, returned with the step's K/V written."""
+    kv: KVPool,
+    l: jax.Array,
+) -> tuple[jax.Array, KVPool]:
+    """Layer `l` on `x [T, D]`; `w` is its slice of the stacked weights. The step's K/V go
+    into the whole pool (only T rows written), which is returned."""
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     q = jnp.einsum("TD,DNH->TNH", h, w["wq"])  # [T, N, H]
     k = jnp.einsum("TD,DKH->TKH", h, w["wk"])  # [T, K, H]
@@ -121,15 +120,17 @@ def decoder_layer(
     if "bq" in w:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    k_pool = attention.write_kv(k_pool, k, batch.write_slots)
-    v_pool = attention.write_kv(v_pool, v, batch.write_slots)
-    o = attention.paged_attention(q, k_pool, v_pool, batch, scale=cfg.head_dim**-0.5)
+    kv = KVPool(
+        k=attention.write_kv(kv.k, l, k, batch.write_slots),
+        v=attention.write_kv(kv.v, l, v, batch.write_slots),
+    )
+    o = attention.paged_attention(q, kv.k[l], kv.v[l], batch, scale=cfg.head_dim**-0.5)
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
 
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate = jnp.einsum("TD,DF->TF", h, w["w_gate"])  # [T, F]
     up = jnp.einsum("TD,DF->TF", h, w["w_up"])  # [T, F]
-    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"]), k_pool, v_pool
+    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"]), kv
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
