@@ -34,7 +34,9 @@ Tokens = Sequence[int] | np.ndarray
 
 class Node:
     """A run of whole pages. `lock_ref` counts locks on this node or below it (so it is >= every
-    child's), `pin_count` the cache's pins on exactly this node (each also holds one lock)."""
+    child's), `pin_count` the cache's pins on exactly this node (each also holds one lock).
+    `removed` turns True when the node is evicted or flushed: a MatchResult ending at a removed
+    node is stale (match again); while `removed` is False all of its pages are still cached."""
 
     __slots__ = (
         "key", "pages", "parent", "children", "lock_ref", "pin_count", "last_access",
