@@ -25,7 +25,7 @@ from jaxsgl.engine.options import EngineOptions
 from jaxsgl.engine.output import OutputState
 from jaxsgl.engine.postprocess import emit, record_step
 from jaxsgl.engine.request import Request, Status
-from jaxsgl.engine.scheduler import Scheduler
+from jaxsgl.engine.scheduler import ScheduledBatch, Scheduler
 from jaxsgl.engine.sizing import context_length_for, kv_pages_for
 from jaxsgl.model.loader import load_model, resolve_model_path
 from jaxsgl.sampler import RowState
@@ -33,6 +33,8 @@ from jaxsgl.sharding import make_mesh
 from jaxsgl.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
+
+DECODE_LOG_INTERVAL = 40
 
 
 class EngineStats:
@@ -44,6 +46,9 @@ class EngineStats:
         self.generation_tokens = 0
         self.cached_tokens = 0
         self.num_aborted = 0
+        self.num_extend_steps = 0
+        self.num_decode_steps = 0
+        self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
         self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
 
@@ -92,6 +97,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._seeds = random.Random(options.random_seed)  # for requests without a seed
+        self._last_log = time.perf_counter()
         logger.info(
             "engine ready: %d KV pages of %d tokens, context %d",
             num_pages,
@@ -184,12 +190,49 @@ class Engine:
             target_ids=targets,
         )
         record_step(self, batch, result)
+        self._log_step(batch)
         for req in batch.reqs:
             if req.finish_reason is not None:
                 self._finish(req)
             else:
                 emit(self, req, finished=False)
         return True
+
+    def _log_step(self, batch: ScheduledBatch) -> None:
+        """SGLang-style batch lines: every prefill, every `DECODE_LOG_INTERVAL`-th decode."""
+        st, sched = self.stats, self.scheduler
+        st.steps.append((batch.kind, len(batch.reqs), sum(len(c.tokens) for c in batch.chunks)))
+        kv = sched.kv
+        usage = 1 - kv.allocator.num_free / kv.num_usable_pages
+        if batch.kind == "extend":
+            st.num_extend_steps += 1
+            cached = sum(c.prefix_len for c in batch.chunks)
+            logger.info(
+                "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
+                "token usage: %.2f, #running-req: %d, #queue-req: %d",
+                len(batch.reqs),
+                st.steps[-1][2],
+                cached,
+                usage,
+                len(sched.running),
+                len(sched.waiting),
+            )
+            return
+        st.num_decode_steps += 1
+        if st.num_decode_steps % DECODE_LOG_INTERVAL == 0:
+            now = time.perf_counter()
+            rate = DECODE_LOG_INTERVAL * len(batch.reqs) / max(now - self._last_log, 1e-9)
+            self._last_log = now
+            tokens = sum(r.kv_len for r in sched.running)
+            logger.info(
+                "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
+                "gen throughput (token/s): %.2f, #queue-req: %d",
+                len(batch.reqs),
+                tokens,
+                usage,
+                rate,
+                len(sched.waiting),
+            )
 
     def _row_state(self, req: Request) -> RowState:
         p = req.params

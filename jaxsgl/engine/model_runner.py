@@ -26,6 +26,7 @@ from jaxsgl.model.forward_batch import (
     Shape,
     bucket,
     fit_shape,
+    kv_pool_sharding,
     make_kv_pool,
     pack_chunks,
 )
@@ -85,6 +86,7 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(loaded.model)
         device_cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
         self.kv = make_kv_pool(device_cfg, num_pages, page_size, loaded.dtype, loaded.mesh)
+        self.kv_sharding = kv_pool_sharding(device_cfg, loaded.mesh)
         self.num_steps = 0
 
     @property
@@ -116,7 +118,15 @@ class ModelRunner:
         sample_rows, targets = self._rows(chunks, shape, target_ids)
         want = any(c.all_logits for c in chunks)
         out, tgt, self.kv = _step(
-            self.graphdef, self.state, self.kv, batch, sampling, sample_rows, want, targets
+            self.graphdef,
+            self.kv.k.sharding,
+            self.state,
+            self.kv,
+            batch,
+            sampling,
+            sample_rows,
+            want,
+            targets,
         )
         self.num_steps += 1
         n = len(chunks)
@@ -131,7 +141,10 @@ class ModelRunner:
             s = bucket(len(chunks))
             pages = fit_shape(chunks, self.page_size).P
             return Shape(T=s, S=s, Q=1, P=pages, R=s)
-        return fit_shape(chunks, self.page_size, Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=1, R=1))
+        shape = fit_shape(chunks, self.page_size, Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=1, R=1))
+        if shape.S == 1:  # one sequence owns every row: Q = T costs nothing and shares programs
+            shape = dataclasses.replace(shape, Q=shape.T)
+        return shape
 
     def _rows(self, chunks, shape: Shape, target_ids) -> tuple[np.ndarray, np.ndarray]:
         """Where each chunk's last token sits among the logits rows, and the target ids."""
@@ -149,13 +162,12 @@ class ModelRunner:
     def warmup(
         self, max_batch: int, max_context: int, chunk_tokens: int, progress: bool = True
     ) -> int:
-        """Compile the decode grid (batch x context buckets) and single-request prefills."""
-        shapes = []
-        for s in _powers(1, max_batch):
-            for p in _powers(1, -(-max_context // self.page_size)):
-                shapes.append(("decode", s, p))
+        """Compile the decode grid (batch x context buckets) and every single-request extend
+        (token x context buckets: prefills, cache hits, prompt chunks)."""
+        page_buckets = _powers(1, -(-max_context // self.page_size))
+        shapes = [("decode", s, p) for s in _powers(1, max_batch) for p in page_buckets]
         for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
-            shapes.append(("extend", t, 0))
+            shapes += [("extend", t, p) for p in page_buckets if p * self.page_size >= t]
         for kind, n, p in tqdm(shapes, desc="Compiling step shapes", disable=not progress):
             self._run_dummy(kind, n, p)
         return len(shapes)
@@ -167,13 +179,14 @@ class ModelRunner:
             chunks = [SeqChunk([0], pages * self.page_size - 1, [0] * pages)] * n
             self.run(chunks, [greedy] * n, decode=True)
         else:
-            chunk = SeqChunk([0] * n, 0, [0] * (-(-n // self.page_size)))
+            chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
             self.run([chunk], [greedy], decode=False)
 
 
-@partial(jax.jit, static_argnums=(0, 6), donate_argnums=2)
+@partial(jax.jit, static_argnums=(0, 1, 7), donate_argnums=3)
 def _step(
     graphdef,
+    kv_sharding,
     state,
     kv: KVPool,
     batch: ForwardBatch,
@@ -184,6 +197,8 @@ def _step(
 ):
     """Forward + sample. Module level, so runners of the same model share compiled programs."""
     logits, kv = nnx.merge(graphdef, state)(batch, kv)  # [R, V]
+    # Pin the pool's sharding: the next step then gets exactly the input it was compiled for.
+    kv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_sharding), kv)
     out: SampleOutput = sample(logits[sample_rows], sampling)
     targets = None
     if want_targets:

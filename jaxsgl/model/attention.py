@@ -1,9 +1,13 @@
 """Attention over the paged KV pool, in plain JAX (the `native` backend).
 
 One function serves prefill, chunked prefill, radix-cache hits and decode: each sequence's new
-queries attend causally to its whole context, gathered from the pool through its page table.
+queries attend causally to its whole context, read from the pool through its page table.
 Queries are padded per sequence to Q rows, so the work is S·Q·C per head; decode is Q = 1.
 The Pallas kernels implement the same contract without the padding.
+
+The context is read a few pages at a time with an online softmax (as flash attention does):
+nothing of size C is materialised, and the loop stops after the last page any sequence of the
+step uses, so the pages that only pad the page table to its bucket cost nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from jaxsgl.model.forward_batch import ForwardBatch
 # Finite, so a padding sequence with no visible key gets a harmless uniform softmax, not NaN.
 _MASKED = -1e30
 
+# Context slots read per loop step. Small enough that a step's keys and values stay in cache
+# (decode at S = 64 reads 2·K·S·64·H floats, ~3 MB for SmolLM2), large enough that the loop's
+# fixed cost per step is small next to its work.
+CHUNK_SLOTS = 64
+
 
 def write_kv(pool: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
     """Store `new [T, K, H]` at `slots [T]` of layer `layer` of the pool `[L, K, slots, H]`.
@@ -26,35 +35,71 @@ def write_kv(pool: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array
 
 def paged_attention(
     q: jax.Array,  # [T, N, H]
-    k_pool: jax.Array,  # [K, P_total * G, H], this layer, new tokens already written
-    v_pool: jax.Array,  # [K, P_total * G, H]
+    k_pool: jax.Array,  # [L, K, P_total * G, H], new tokens of this step already written
+    v_pool: jax.Array,  # [L, K, P_total * G, H]
+    layer: jax.Array,  # [] int32
     batch: ForwardBatch,
     *,
     scale: float,
 ) -> jax.Array:
-    """Causal attention of every new token over its sequence's paged context; `[T, N, H]`."""
-    T, N, H = q.shape
-    K = k_pool.shape[0]
-    S, P = batch.page_table.shape
-    G, Q = batch.page_size, batch.max_q_len
-    C = P * G
+    """Causal attention of every new token over its sequence's paged context in layer
+    `layer`; `[T, N, H]`.
 
-    # Gather each sequence's context: pool pages -> [K, S, C, H].
-    k_ctx = k_pool.reshape(K, -1, G, H)[:, batch.page_table].reshape(K, S, C, H)
-    v_ctx = v_pool.reshape(K, -1, G, H)[:, batch.page_table].reshape(K, S, C, H)
+    The whole pool comes in, not `pool[layer]`: that slice would be a copy of the layer's pool
+    (a kernel's operand must be a buffer), where only the pages of the step are needed.
+    """
+    T, N, H = q.shape
+    L, K = k_pool.shape[:2]
+    S = batch.page_table.shape[0]
+    G, Q = batch.page_size, batch.max_q_len
+    R = N // K  # q heads per kv head
+    pages_per_chunk = max(1, CHUNK_SLOTS // G)
+    c = pages_per_chunk * G  # slots per loop step
+
+    # A whole number of chunks: the extra columns point at the scratch page and are masked.
+    pad = -batch.page_table.shape[1] % pages_per_chunk
+    page_table = jnp.pad(batch.page_table, ((0, 0), (0, pad)))  # [S, P'], P' = P + pad
+    k_pages = k_pool.reshape(L, K, -1, G, H)  # [L, K, P_total, G, H]
+    v_pages = v_pool.reshape(L, K, -1, G, H)
 
     # Pad each sequence's queries to Q rows: rows[s, i] = q_start[s] + i.
     i = jnp.arange(Q)
     rows = jnp.clip(batch.q_start[:, None] + i[None, :], 0, T - 1)  # [S, Q]
-    q_seq = q[rows].reshape(S, Q, K, N // K, H)  # [S, Q, K, R, H], R q heads per kv head
-
-    scores = jnp.einsum("SQKRH,KSCH->SKRQC", q_seq, k_ctx, preferred_element_type=jnp.float32)
+    q_seq = q[rows].reshape(S, Q, K, R, H).transpose(2, 0, 3, 1, 4)  # [K, S, R, Q, H]
     # Query i of sequence s sits at position seq_lens - q_lens + i and sees keys at or before it.
     q_pos = (batch.seq_lens - batch.q_lens)[:, None] + i[None, :]  # [S, Q]
-    visible = jnp.arange(C)[None, None, :] <= q_pos[:, :, None]  # [S, Q, C]
-    scores = jnp.where(visible[:, None, None], scores * scale, _MASKED)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_ctx.dtype)
-    out = jnp.einsum("SKRQC,KSCH->SQKRH", probs, v_ctx).reshape(S * Q, N, H)
+
+    def read(pages_kv: jax.Array, pages: jax.Array) -> jax.Array:
+        # [S, chunk, K, G, H] (the advanced indices' dims come first) -> [K, S, c, H]
+        ctx = pages_kv[layer, :, pages].transpose(2, 0, 1, 3, 4)
+        return ctx.reshape(K, S, c, H)
+
+    # In the loop C is the chunk's c slots, not the whole context.
+    def step(j, carry):
+        m, l, acc = carry  # running max and sum [K, S, R, Q], output [K, S, R, Q, H]
+        pages = jax.lax.dynamic_slice_in_dim(page_table, j * pages_per_chunk, pages_per_chunk, 1)
+        k_ctx, v_ctx = read(k_pages, pages), read(v_pages, pages)  # [K, S, c, H] each
+        scores = jnp.einsum("KSRQH,KSCH->KSRQC", q_seq, k_ctx, preferred_element_type=jnp.float32)
+        key_pos = j * c + jnp.arange(c)  # [c]
+        visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, c]
+        scores = jnp.where(visible[None, :, None], scores * scale, _MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        p = jnp.exp(scores - m_new[..., None])  # [K, S, R, Q, c]
+        rescale = jnp.exp(m - m_new)
+        p_v = p.astype(v_ctx.dtype)
+        pv = jnp.einsum("KSRQC,KSCH->KSRQH", p_v, v_ctx, preferred_element_type=jnp.float32)
+        return m_new, l * rescale + p.sum(axis=-1), acc * rescale[..., None] + pv
+
+    # Every query sees key 0, which lies in the first chunk: after it, l > 0 on every row.
+    num_chunks = jnp.maximum(1, -(-jnp.max(batch.seq_lens) // c))
+    init = (
+        jnp.full((K, S, R, Q), _MASKED, jnp.float32),
+        jnp.zeros((K, S, R, Q), jnp.float32),
+        jnp.zeros((K, S, R, Q, H), jnp.float32),
+    )
+    _, l, acc = jax.lax.fori_loop(0, num_chunks, step, init)
+    out = (acc / l[..., None]).astype(q.dtype)  # [K, S, R, Q, H]
+    out = out.transpose(1, 3, 0, 2, 4).reshape(S * Q, N, H)  # [S·Q, N, H]
 
     # Back to token-major rows: token t is query (t - q_start) of its sequence.
     s = batch.token_seq

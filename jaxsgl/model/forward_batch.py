@@ -89,7 +89,9 @@ def make_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: 
     """A zeroed pool for the device model config `cfg` (kv heads already replicated)."""
     shape = (cfg.num_layers, cfg.num_kv_heads, num_pages * page_size, cfg.head_dim)
     sharding = kv_pool_sharding(cfg, mesh)
-    zeros = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+    # A sharding constraint rather than out_shardings: the arrays then carry the same sharding
+    # a jitted step returns for them, so the first step compiles the program all later use.
+    zeros = jax.jit(lambda: jax.lax.with_sharding_constraint(jnp.zeros(shape, dtype), sharding))
     return KVPool(k=zeros(), v=zeros())
 
 

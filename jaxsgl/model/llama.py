@@ -124,7 +124,7 @@ def decoder_layer(
         k=attention.write_kv(kv.k, l, k, batch.write_slots),
         v=attention.write_kv(kv.v, l, v, batch.write_slots),
     )
-    o = attention.paged_attention(q, kv.k[l], kv.v[l], batch, scale=cfg.head_dim**-0.5)
+    o = attention.paged_attention(q, kv.k, kv.v, l, batch, scale=cfg.head_dim**-0.5)
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
 
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

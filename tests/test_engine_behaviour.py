@@ -1,0 +1,240 @@
+"""Engine behaviour on the real SmolLM2: prefix sharing, sampling, stops, aborts, limits."""
+
+import time
+
+import pytest
+
+from jaxsgl.generator import Generator
+
+PAGE = 16
+
+
+@pytest.fixture(scope="module")
+def gen():
+    with Generator(
+        dtype="float32",
+        max_total_tokens=8192,
+        max_running_requests=16,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+    ) as g:
+        yield g
+
+
+@pytest.fixture(autouse=True)
+def no_request_left_and_no_page_lost(request):
+    yield
+    if "gen" in request.fixturenames:
+        g = request.getfixturevalue("gen")
+        assert g.check_integrity() == {"running": 0, "waiting": 0}
+        g.flush_cache()
+
+
+GREEDY = {"temperature": 0.0, "max_new_tokens": 12}
+
+
+def _shared_prefix_prompts(gen, n):
+    prefix = gen.tokenizer.encode(
+        "Background: " + "The lighthouse keeper logged the weather. " * 40
+    )[:200]
+    assert len(prefix) == 200
+    return [
+        prefix + gen.tokenizer.encode(f" Question {i}: what did the keeper log?") for i in range(n)
+    ]
+
+
+def test_shared_prefix_is_computed_once(gen):
+    prompts = _shared_prefix_prompts(gen, 6)
+    outs = gen.generate(input_ids=prompts, sampling_params=GREEDY)
+    cached = sorted(o["meta_info"]["cached_tokens"] for o in outs)
+    page_rounded = 200 // PAGE * PAGE
+    assert sum(cached) >= 5 * page_rounded, cached
+    gen.flush_cache()
+    with Generator(
+        dtype="float32",
+        max_total_tokens=8192,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+        disable_radix_cache=True,
+    ) as plain:
+        baseline = plain.generate(input_ids=prompts, sampling_params=GREEDY)
+        assert all(o["meta_info"]["cached_tokens"] == 0 for o in baseline)
+    assert [o["output_ids"] for o in outs] == [o["output_ids"] for o in baseline]
+
+
+def test_namespaces_never_share_cache(gen):
+    prompt = _shared_prefix_prompts(gen, 1)[0]
+    first = gen.generate(input_ids=prompt, sampling_params=GREEDY, namespace="finance")
+    other = gen.generate(input_ids=prompt, sampling_params=GREEDY, namespace="legal")
+    again = gen.generate(input_ids=prompt, sampling_params=GREEDY, namespace="finance")
+    assert first["meta_info"]["cached_tokens"] == 0
+    assert other["meta_info"]["cached_tokens"] == 0
+    assert again["meta_info"]["cached_tokens"] >= 200 // PAGE * PAGE
+    assert first["output_ids"] == other["output_ids"] == again["output_ids"]
+
+
+def test_seeded_sampling_reproduces_across_batches(gen):
+    params = {"temperature": 0.9, "top_p": 0.95, "max_new_tokens": 16, "sampling_seed": 1234}
+    alone = gen.generate("Tell me about the sea.", params)
+    crowd = gen.generate(
+        ["Write a poem.", "Tell me about the sea.", "1, 2, 3,", "Hello"],
+        [
+            {"temperature": 1.0, "max_new_tokens": 20},
+            params,
+            GREEDY,
+            {"temperature": 0.5, "top_k": 5, "max_new_tokens": 8},
+        ],
+    )
+    assert crowd[1]["output_ids"] == alone["output_ids"]
+    other_seed = gen.generate("Tell me about the sea.", {**params, "sampling_seed": 99})
+    assert other_seed["output_ids"] != alone["output_ids"]
+
+
+def test_n_copies_share_the_prompt(gen):
+    prompt = _shared_prefix_prompts(gen, 1)[0]
+    outs = gen.generate(
+        input_ids=prompt, sampling_params={"temperature": 1.0, "n": 3, "max_new_tokens": 10}
+    )
+    assert len(outs) == 3
+    assert len({tuple(o["output_ids"]) for o in outs}) > 1
+    cached = sorted(o["meta_info"]["cached_tokens"] for o in outs)
+    assert cached[1] >= 200 // PAGE * PAGE  # all but the first hit the prompt's pages
+
+
+def test_stop_strings_match_across_tokens_and_are_trimmed(gen):
+    base = gen.generate("1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12})
+    assert base["text"].startswith(" 5, 6, 7, 8,")
+    for stop in [" 7", "6, 7", ", 8"]:
+        out = gen.generate(
+            "1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12, "stop": [stop, "never"]}
+        )
+        cut = base["text"].index(stop)
+        assert out["text"] == base["text"][:cut], stop
+        assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+        chunks = gen.generate(
+            "1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12, "stop": [stop]}, stream=True
+        )
+        assert "".join(c["text"] for c in chunks) == out["text"]
+
+
+def test_stop_token_ids_and_min_new_tokens(gen):
+    comma = gen.tokenizer.encode(",")[0]
+    out = gen.generate(
+        "1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12, "stop_token_ids": [comma]}
+    )
+    assert out["output_ids"][-1] == comma and comma not in out["output_ids"][:-1]
+    assert out["meta_info"]["finish_reason"]["matched"] == comma
+    chat = gen.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        {"temperature": 0, "max_new_tokens": 40},
+    )
+    assert chat["meta_info"]["finish_reason"]["type"] == "stop"
+    n = chat["meta_info"]["completion_tokens"]
+    longer = gen.chat(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        {"temperature": 0, "max_new_tokens": 40, "min_new_tokens": n + 5},
+    )
+    assert longer["meta_info"]["completion_tokens"] >= n + 5
+
+
+def test_abandoned_stream_aborts_and_frees(gen):
+    stream = gen.generate(
+        "Write a very long story about dragons.",
+        {"temperature": 0.7, "max_new_tokens": 500},
+        stream=True,
+    )
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.time() + 30
+    while gen.check_integrity()["running"] and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def test_request_that_can_never_fit_is_aborted_with_a_reason(gen):
+    out = gen.generate(input_ids=[5] * 100, sampling_params={"max_new_tokens": 9000})
+    reason = out["meta_info"]["finish_reason"]
+    assert reason["type"] == "abort" and "KV pool" in reason["message"]
+    ok = gen.generate("Still serving?", GREEDY)  # the engine goes on
+    assert ok["meta_info"]["completion_tokens"] == 12
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (dict(prompt="x", sampling_params={"temprature": 0}), "temprature"),
+        (dict(prompt="x", sampling_params={"top_p": 0}), "top_p"),
+        (dict(input_ids=[1, 2, 10**9]), "10000000"),
+        (dict(input_ids=[]), "at least one token"),
+        (dict(prompt="x", input_ids=[1]), "exactly one"),
+        (dict(input_ids=[7] * 1024), "context length"),
+    ],
+)
+def test_bad_input_is_a_value_error(gen, bad, match):
+    with pytest.raises(ValueError, match=match):
+        gen.generate(**bad)
+
+
+@pytest.mark.parametrize("policy", ["lpm", "dfs-weight"])
+def test_policies_keep_greedy_outputs(policy):
+    with Generator(
+        dtype="float32",
+        max_total_tokens=4096,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+        schedule_policy=policy,
+    ) as g:
+        prompts = _shared_prefix_prompts(g, 3) + [g.tokenizer.encode("Hello there")]
+        outs = g.generate(input_ids=prompts, sampling_params=GREEDY)
+        g.check_integrity()
+        fcfs = [g.generate(input_ids=p, sampling_params=GREEDY)["output_ids"] for p in prompts]
+    assert [o["output_ids"] for o in outs] == fcfs
+
+
+def test_batching_window_gathers_arrivals():
+    with Generator(
+        dtype="float32",
+        max_total_tokens=4096,
+        context_length=512,
+        warmup=False,
+        progress=False,
+        schedule_constraint_ms=400,
+    ) as g:
+        g.generate("warm up", {"max_new_tokens": 2})
+        before = g.engine.stats.num_extend_steps
+        a = g.generate("First arrival", {"max_new_tokens": 4}, stream=True)  # submitted now
+        time.sleep(0.1)
+        b = g.generate("Second arrival", {"max_new_tokens": 4})
+        list(a)
+        assert b["meta_info"]["completion_tokens"] == 4
+        assert g.engine.stats.num_extend_steps - before == 1  # one prefill for both
+        g.check_integrity()
+
+
+def test_nothing_recompiles_after_warmup():
+    with Generator(
+        dtype="float32",
+        max_total_tokens=2048,
+        context_length=256,
+        max_running_requests=4,
+        chunked_prefill_size=64,
+        progress=False,
+    ) as g:
+        compiled = g.engine.runner.num_compiled
+        assert compiled > 0
+        for text in ["Hi", "The capital of France is", "Count to ten: 1, 2, 3," * 5]:
+            g.generate(text, {"temperature": 0, "max_new_tokens": 30})
+        assert g.engine.runner.num_compiled == compiled
+
+
+def test_counters(gen):
+    before = gen.engine.stats.generation_tokens
+    gen.generate(["a b c", "d e f"], {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True})
+    st = gen.engine.stats
+    assert st.generation_tokens - before == 10
+    assert len(st.ttft) >= 2 and len(st.itl) >= 8 and min(st.itl) >= 0
+    assert 0.0 <= st.cache_hit_rate <= 1.0
