@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import queue
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
 from jaxsgl.engine.engine import Engine
@@ -158,23 +158,33 @@ class Generator:
         stream: bool = False,
         **kwargs: Any,
     ):
-        """`generate` for asyncio callers: awaits the result, or yields chunks with `stream`."""
+        """`generate` for asyncio callers: awaits the result, or with `stream` returns an async
+        iterator of chunks."""
+        reqs, batched = self.make_requests(prompt, sampling_params, input_ids, **kwargs)
+        events = self.stream_events(reqs)
+        if stream:
+            return _indexed(reqs, events)
+        results = _collect(reqs, [ev async for ev in events])
+        return results if batched else results[0]
+
+    async def stream_events(self, reqs: Sequence[Request]) -> AsyncIterator[dict]:
+        """Submit `reqs` and yield their events until all finish. Leaving early (a closed
+        stream, a cancelled task: a client that went away) aborts whatever still runs."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        reqs, batched = self.make_requests(prompt, sampling_params, input_ids, **kwargs)
         for req in reqs:
             req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
             self.engine.submit(req)
-        if stream:
-            return _async_stream(self.engine, reqs, events)
-        evs = []
         left = len(reqs)
-        while left:
-            ev = await events.get()
-            evs.append(ev)
-            left -= ev["finished"]
-        results = _collect(reqs, iter(evs))
-        return results if batched else results[0]
+        try:
+            while left:
+                ev = await events.get()
+                left -= ev["finished"]
+                yield ev
+        finally:
+            if left:
+                for r in reqs:
+                    self.engine.abort(r.rid)
 
     def chat(self, messages: list[dict], sampling_params: dict | None = None, **kwargs: Any):
         """Apply the chat template and generate the assistant's answer."""
@@ -222,7 +232,7 @@ class Generator:
         self.shutdown()
 
 
-def _collect(reqs: Sequence[Request], events: Iterator[dict]) -> list[dict]:
+def _collect(reqs: Sequence[Request], events: Iterable[dict]) -> list[dict]:
     """Gather events until every request finished; one result dict per request."""
     text = {r.rid: [] for r in reqs}
     final: dict[str, dict] = {}
@@ -242,15 +252,7 @@ def _collect(reqs: Sequence[Request], events: Iterator[dict]) -> list[dict]:
     ]
 
 
-async def _async_stream(engine: Engine, reqs, events: asyncio.Queue) -> AsyncIterator[dict]:
+async def _indexed(reqs: Sequence[Request], events: AsyncIterator[dict]) -> AsyncIterator[dict]:
     index = {r.rid: i for i, r in enumerate(reqs)}
-    left = len(reqs)
-    try:
-        while left:
-            ev = await events.get()
-            left -= ev["finished"]
-            yield {**ev, "index": index[ev["rid"]]}
-    finally:
-        if left:
-            for r in reqs:
-                engine.abort(r.rid)
+    async for ev in events:
+        yield {**ev, "index": index[ev["rid"]]}

@@ -238,3 +238,8 @@ def test_counters(gen):
     assert st.generation_tokens - before == 10
     assert len(st.ttft) >= 2 and len(st.itl) >= 8 and min(st.itl) >= 0
     assert 0.0 <= st.cache_hit_rate <= 1.0
+    m = gen.engine.metrics()
+    assert m["num_running_reqs"] == 0 and m["num_queue_reqs"] == 0
+    assert m["generation_tokens_total"] == st.generation_tokens
+    assert 0 <= m["cached_tokens_total"] <= m["prompt_tokens_total"]
+    assert 0.0 <= m["token_usage"] <= 1.0

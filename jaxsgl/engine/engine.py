@@ -255,6 +255,8 @@ class Engine:
             req.status = Status.FINISHED
             self.scheduler.remove(req)
             self.stats.num_requests += 1
+            self.stats.prompt_tokens += len(req.prompt_ids)
+            self.stats.cached_tokens += req.num_cached_tokens
             self.stats.num_aborted += req.finish_reason.get("type") == "abort"
         emit(self, req, finished=True)
         self._requests.pop(req.rid, None)
@@ -271,3 +273,23 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    def metrics(self) -> dict[str, float]:
+        """A snapshot of the counters (read from any thread; each value is a plain number)."""
+        sched, kv, st = self.scheduler, self.scheduler.kv, self.stats
+        used_pages = kv.num_usable_pages - kv.allocator.num_free - kv.cache.num_evictable_pages
+        return {
+            "num_running_reqs": len(sched.running),
+            "num_queue_reqs": len(sched.waiting),
+            "num_used_tokens": used_pages * kv.page_size,
+            "token_usage": used_pages / kv.num_usable_pages,
+            "num_cached_pages": kv.cache.num_cached_pages,
+            "cache_hit_rate": st.cache_hit_rate,
+            "prompt_tokens_total": st.prompt_tokens,
+            "cached_tokens_total": st.cached_tokens,
+            "generation_tokens_total": st.generation_tokens,
+            "num_requests_total": st.num_requests,
+            "num_aborted_total": st.num_aborted,
+            "num_retractions_total": sched.num_retractions,
+            "num_evicted_pages_total": kv.num_evicted_pages,
+        }

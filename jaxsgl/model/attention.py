@@ -25,6 +25,12 @@ _MASKED = -1e30
 # fixed cost per step is small next to its work.
 CHUNK_SLOTS = 64
 
+# Gathers pool[layer, :, page·G : page·G + G, :] for every (layer, page·G) start. The pool keeps
+# its one shape: a paged view of it (a reshape) next to the in-place write makes XLA copy it.
+_PAGE_GATHER = jax.lax.GatherDimensionNumbers(
+    offset_dims=(2, 3, 4), collapsed_slice_dims=(0,), start_index_map=(0, 2)
+)
+
 
 def write_kv(pool: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array) -> jax.Array:
     """Store `new [T, K, H]` at `slots [T]` of layer `layer` of the pool `[L, K, slots, H]`.
@@ -46,7 +52,7 @@ def paged_attention(
     `layer`; `[T, N, H]`.
 
     The whole pool comes in, not `pool[layer]`: that slice would be a copy of the layer's pool
-    (a kernel's operand must be a buffer), where only the pages of the step are needed.
+    (a kernel's or a loop's operand must be a buffer), where only the step's pages are read.
     """
     T, N, H = q.shape
     L, K = k_pool.shape[:2]
@@ -59,8 +65,6 @@ def paged_attention(
     # A whole number of chunks: the extra columns point at the scratch page and are masked.
     pad = -batch.page_table.shape[1] % pages_per_chunk
     page_table = jnp.pad(batch.page_table, ((0, 0), (0, pad)))  # [S, P'], P' = P + pad
-    k_pages = k_pool.reshape(L, K, -1, G, H)  # [L, K, P_total, G, H]
-    v_pages = v_pool.reshape(L, K, -1, G, H)
 
     # Pad each sequence's queries to Q rows: rows[s, i] = q_start[s] + i.
     i = jnp.arange(Q)
@@ -69,16 +73,17 @@ def paged_attention(
     # Query i of sequence s sits at position seq_lens - q_lens + i and sees keys at or before it.
     q_pos = (batch.seq_lens - batch.q_lens)[:, None] + i[None, :]  # [S, Q]
 
-    def read(pages_kv: jax.Array, pages: jax.Array) -> jax.Array:
-        # [S, chunk, K, G, H] (the advanced indices' dims come first) -> [K, S, c, H]
-        ctx = pages_kv[layer, :, pages].transpose(2, 0, 1, 3, 4)
-        return ctx.reshape(K, S, c, H)
+    def read(pool: jax.Array, pages: jax.Array) -> jax.Array:
+        # Pages [S, n] of `layer` as [K, S, n·G, H]: one gathered slice per page.
+        starts = jnp.stack([jnp.full_like(pages, layer), pages * G], axis=-1)  # [S, n, 2]
+        ctx = jax.lax.gather(pool, starts, _PAGE_GATHER, (1, K, G, H), mode="clip")
+        return ctx.transpose(2, 0, 1, 3, 4).reshape(K, S, -1, H)  # from [S, n, K, G, H]
 
     # In the loop C is the chunk's c slots, not the whole context.
     def step(j, carry):
         m, l, acc = carry  # running max and sum [K, S, R, Q], output [K, S, R, Q, H]
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * pages_per_chunk, pages_per_chunk, 1)
-        k_ctx, v_ctx = read(k_pages, pages), read(v_pages, pages)  # [K, S, c, H] each
+        k_ctx, v_ctx = read(k_pool, pages), read(v_pool, pages)  # [K, S, c, H] each
         scores = jnp.einsum("KSRQH,KSCH->KSRQC", q_seq, k_ctx, preferred_element_type=jnp.float32)
         key_pos = j * c + jnp.arange(c)  # [c]
         visible = key_pos[None, None, :] <= q_pos[:, :, None]  # [S, Q, c]
