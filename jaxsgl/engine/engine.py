@@ -49,6 +49,14 @@ class EngineStats:
         self.num_extend_steps = 0
         self.num_decode_steps = 0
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
+        self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
+
+    def gen_throughput(self, window: float = 10.0) -> float:
+        """Generated tokens per second over the last `window` seconds."""
+        now = time.perf_counter()
+        times = list(self.token_times)
+        recent = [t for t in times[-65536:] if now - t <= window]
+        return len(recent) / window
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
         self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
 
@@ -112,6 +120,10 @@ class Engine:
 
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="jaxsgl-engine", daemon=True)

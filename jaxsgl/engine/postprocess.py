@@ -42,6 +42,7 @@ def record_step(engine: Engine, batch: ScheduledBatch, result: StepResult) -> No
         state = engine.outputs[id(req)]
         state.add_token(int(result.tokens[i]), engine.context_length, engine.eos_ids)
         engine.stats.generation_tokens += 1
+        engine.stats.token_times.append(req.last_token_time)
         if len(req.output_ids) == 1:
             engine.stats.ttft.append(req.first_token_time - req.arrival_time)
         elif req.last_token_time is not None and state.prev_token_time is not None:
@@ -87,6 +88,7 @@ def meta_info(engine: Engine, req: Request) -> dict[str, Any]:
         "completion_tokens": len(req.output_ids),
         "cached_tokens": req.num_cached_tokens,
         "e2e_latency": end - req.arrival_time,
+        "ttft": None if req.first_token_time is None else req.first_token_time - req.arrival_time,
     }
     if req.return_logprob:
         info["input_token_logprobs"] = [[lp, t, None] for lp, t, _ in req.prompt_logprobs]

@@ -181,8 +181,11 @@ class Scheduler:
         return limit
 
     def _future_pages(self, req: Request) -> int:
+        """Pages the request's expected output adds beyond its current tokens. Rounded as one
+        sum (not per part), so a request that `add` accepted always fits an empty pool."""
         remaining = req.params.max_new_tokens - len(req.output_ids)
-        return self.kv.pages_for(int(remaining * self.new_token_ratio))
+        grown = req.num_tokens + int(remaining * self.new_token_ratio)
+        return self.kv.pages_for(grown) - self.kv.pages_for(req.num_tokens)
 
     def _decode_reservation(self) -> int:
         return sum(self._future_pages(r) for r in self.running)
