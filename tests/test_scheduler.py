@@ -288,8 +288,8 @@ def configs(draw):
     return options, draw(st.integers(0, 48)) // page_size  # pool pages beyond the largest request
 
 
-# Random pools keep one page beyond the largest request: at an exact fit, admission stalls
-# (test_a_request_that_exactly_fits_the_pool_is_served), which would hide everything else.
+# Pages random pools keep beyond the largest request: none, so exact fits are exercised too
+# (test_a_request_that_exactly_fits_the_pool_is_served covers them directly).
 SPARE = 0
 
 
