@@ -16,10 +16,11 @@ import time
 
 import numpy as np
 
-WORDS = (
+SENTENCE = (
     "the model serves requests from many users while the cache keeps shared prefixes warm and "
     "the scheduler batches decode steps so that the accelerator stays busy all day long"
-).split()
+)
+WORDS = SENTENCE.split(" ")
 
 
 def make_prompts(tokenizer, n: int, lo: int, hi: int, seed: int) -> list[list[int]]:
@@ -36,9 +37,13 @@ def run_jaxsgl(prompts, output_len: int, args) -> dict:
     from jaxsgl.generator import Generator
 
     t0 = time.perf_counter()
-    gen = Generator(dtype="float32", max_running_requests=len(prompts),
-                    max_total_tokens=args.max_total_tokens, context_length=1024,
-                    chunked_prefill_size=args.chunked_prefill_size)
+    gen = Generator(
+        dtype="float32",
+        max_running_requests=len(prompts),
+        max_total_tokens=args.max_total_tokens,
+        context_length=1024,
+        chunked_prefill_size=args.chunked_prefill_size,
+    )
     startup = time.perf_counter() - t0
     params = {"temperature": 0, "max_new_tokens": output_len, "ignore_eos": True}
     gen.generate(input_ids=prompts[:2], sampling_params={**params, "max_new_tokens": 4})
@@ -48,8 +53,12 @@ def run_jaxsgl(prompts, output_len: int, args) -> dict:
     gen.check_integrity()
     gen.shutdown()
     tokens = sum(len(o["output_ids"]) for o in outs)
-    return {"seconds": elapsed, "output_tokens": tokens, "startup_seconds": startup,
-            "outputs": [o["output_ids"] for o in outs]}
+    return {
+        "seconds": elapsed,
+        "output_tokens": tokens,
+        "startup_seconds": startup,
+        "outputs": [o["output_ids"] for o in outs],
+    }
 
 
 def run_transformers(prompts, output_len: int, batch_size: int, model_path) -> dict:
@@ -71,12 +80,17 @@ def run_transformers(prompts, output_len: int, batch_size: int, model_path) -> d
             ids[i, width - len(p) :] = torch.tensor(p)
             mask[i, width - len(p) :] = 1
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=output_len,
-                                 min_new_tokens=output_len, do_sample=False, pad_token_id=0)
+            out = model.generate(
+                ids,
+                attention_mask=mask,
+                max_new_tokens=output_len,
+                min_new_tokens=output_len,
+                do_sample=False,
+                pad_token_id=0,
+            )
         outputs += [row[width:].tolist() for row in out]
     elapsed = time.perf_counter() - t0
-    return {"seconds": elapsed, "output_tokens": sum(len(o) for o in outputs),
-            "outputs": outputs}
+    return {"seconds": elapsed, "output_tokens": sum(len(o) for o in outputs), "outputs": outputs}
 
 
 def main() -> None:
@@ -96,21 +110,26 @@ def main() -> None:
     from jaxsgl.tokenizer import load_tokenizer
 
     path = resolve_model_path(None)
-    prompts = make_prompts(load_tokenizer(path), args.num_prompts, args.input_len_min,
-                           args.input_len_max, args.seed)
+    prompts = make_prompts(
+        load_tokenizer(path), args.num_prompts, args.input_len_min, args.input_len_max, args.seed
+    )
     ours = run_jaxsgl(prompts, args.output_len, args)
     ref = run_transformers(prompts, args.output_len, args.hf_batch_size, path)
     same = sum(a == b for a, b in zip(ours["outputs"], ref["outputs"], strict=True))
     rows = [("jaxsgl Generator", ours), ("transformers generate", ref)]
-    print(f"\n{args.num_prompts} prompts, {args.input_len_min}-{args.input_len_max} input "
-          f"tokens, {args.output_len} output tokens, {platform.processor() or platform.machine()}")
+    print(
+        f"\n{args.num_prompts} prompts, {args.input_len_min}-{args.input_len_max} input "
+        f"tokens, {args.output_len} output tokens, {platform.processor() or platform.machine()}"
+    )
     print(f"{'engine':<24}{'seconds':>10}{'output tok/s':>16}")
     for name, r in rows:
         print(f"{name:<24}{r['seconds']:>10.2f}{r['output_tokens'] / r['seconds']:>16.1f}")
     ratio = (ours["output_tokens"] / ours["seconds"]) / (ref["output_tokens"] / ref["seconds"])
-    print(f"throughput ratio jaxsgl / transformers: {ratio:.2f}x; identical greedy outputs: "
-          f"{same}/{len(prompts)}; jaxsgl startup (load + compile): "
-          f"{ours['startup_seconds']:.1f} s")
+    print(
+        f"throughput ratio jaxsgl / transformers: {ratio:.2f}x; identical greedy outputs: "
+        f"{same}/{len(prompts)}; jaxsgl startup (load + compile): "
+        f"{ours['startup_seconds']:.1f} s"
+    )
     if args.output:
         summary = {k: {kk: v for kk, v in r.items() if kk != "outputs"} for k, r in rows}
         summary.update(ratio=ratio, identical=same, args=vars(args))

@@ -32,6 +32,8 @@ class Generator:
         self.options = EngineOptions.from_kwargs(model_path, **options)
         self.engine = Engine(self.options, progress=progress)
         self.tokenizer = self.engine.tokenizer
+        if self.options.chat_template is not None and self.tokenizer is not None:
+            self.tokenizer.hf.chat_template = self.options.chat_template
         self.engine.start()
         self._ids = itertools.count()
 

@@ -50,15 +50,13 @@ class EngineStats:
         self.num_decode_steps = 0
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
         self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
+        self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
+        self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
 
     def gen_throughput(self, window: float = 10.0) -> float:
         """Generated tokens per second over the last `window` seconds."""
         now = time.perf_counter()
-        times = list(self.token_times)
-        recent = [t for t in times[-65536:] if now - t <= window]
-        return len(recent) / window
-        self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
-        self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
+        return sum(now - t <= window for t in list(self.token_times)) / window
 
     @property
     def cache_hit_rate(self) -> float:
@@ -121,6 +119,9 @@ class Engine:
     def abort(self, rid: str) -> None:
         self._inbox.put(("abort", rid))
 
+    def abort_all(self) -> None:
+        self._inbox.put(("abort_all", None))
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -168,6 +169,10 @@ class Engine:
             req = self._requests.get(payload)
             if req is not None:
                 self.outputs[id(req)].abort("aborted by the client")
+                self._finish(req)
+        elif kind == "abort_all":
+            for req in list(self._requests.values()):
+                self.outputs[id(req)].abort("the server is shutting down")
                 self._finish(req)
         elif kind == "call":
             payload()

@@ -1,0 +1,170 @@
+"""`python -m jaxsgl.launch_server`: SGLang's server flags, the engine, the HTTP server.
+
+    python -m jaxsgl.launch_server --model-path M --host 0.0.0.0 --port 30000 \\
+        --tensor-parallel-size 4 --log-level warning
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from jaxsgl.engine.options import SCHEDULE_POLICIES, EngineOptions
+from jaxsgl.model.loader import DEFAULT_MODEL, DTYPES, LOAD_FORMATS
+
+logger = logging.getLogger("jaxsgl.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = EngineOptions()
+    p = argparse.ArgumentParser(prog="jaxsgl.launch_server", description=__doc__.split("\n")[0])
+    a = p.add_argument
+    a(
+        "--model-path",
+        default=None,
+        help=f"HF folder, .gguf file or short name (default: the embedded {DEFAULT_MODEL})",
+    )
+    a("--host", default="127.0.0.1")
+    a("--port", type=int, default=30000)
+    a("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size)
+    a("--dp-size", "--data-parallel-size", dest="dp_size", type=int, default=d.dp_size)
+    a("--dtype", default="auto", choices=["auto", *DTYPES])
+    a("--load-format", default="auto", choices=LOAD_FORMATS)
+    a("--context-length", type=int, default=None)
+    a("--mem-fraction-static", type=float, default=d.mem_fraction_static)
+    a("--max-running-requests", type=int, default=d.max_running_requests)
+    a("--max-total-tokens", type=int, default=None)
+    a("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
+    a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
+    a("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)
+    a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness)
+    a(
+        "--schedule-constraint",
+        dest="schedule_constraint_ms",
+        type=_milliseconds,
+        default=0.0,
+        help="batching window before a prefill, e.g. 5ms or 5",
+    )
+    a("--disable-radix-cache", action="store_true")
+    a("--page-size", type=int, default=d.page_size)
+    a("--random-seed", type=int, default=d.random_seed)
+    a(
+        "--grammar-backend",
+        default="none",
+        choices=["none"],
+        help="constrained decoding backend (none yet)",
+    )
+    a("--api-key", default=None)
+    a("--served-model-name", default=None)
+    a("--chat-template", default=None, help="a Jinja chat template or a file holding one")
+    a("--skip-server-warmup", action="store_true", help="do not compile step shapes at start")
+    a(
+        "--enable-metrics",
+        action="store_true",
+        help="accepted for SGLang compatibility: /metrics is always served",
+    )
+    a(
+        "--drain-seconds",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, how long running requests may finish before they are aborted",
+    )
+    a("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
+    return p
+
+
+def _milliseconds(text: str) -> float:
+    value = text.strip().lower().removesuffix("ms")
+    try:
+        ms = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration in milliseconds: {text!r}") from None
+    if ms < 0:
+        raise argparse.ArgumentTypeError(f"negative duration: {text!r}")
+    return ms
+
+
+def options_from_args(args: argparse.Namespace) -> EngineOptions:
+    if args.dp_size != 1:
+        raise ValueError("--dp-size > 1 is not supported yet")
+    template = args.chat_template
+    if template is not None and Path(template).is_file():
+        template = Path(template).read_text()
+    return EngineOptions(
+        model_path=args.model_path,
+        load_format=args.load_format,
+        dtype=args.dtype,
+        tp_size=args.tp_size,
+        dp_size=args.dp_size,
+        context_length=args.context_length,
+        mem_fraction_static=args.mem_fraction_static,
+        max_running_requests=args.max_running_requests,
+        max_total_tokens=args.max_total_tokens,
+        chunked_prefill_size=args.chunked_prefill_size,
+        max_prefill_tokens=args.max_prefill_tokens,
+        schedule_policy=args.schedule_policy,
+        schedule_conservativeness=args.schedule_conservativeness,
+        schedule_constraint_ms=args.schedule_constraint_ms,
+        disable_radix_cache=args.disable_radix_cache,
+        page_size=args.page_size,
+        random_seed=args.random_seed,
+        served_model_name=args.served_model_name,
+        chat_template=template,
+        warmup=not args.skip_server_warmup,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="[%(asctime)s] %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("jax", "absl", "httpx"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
+    try:
+        options = options_from_args(args)
+        from jaxsgl.generator import Generator
+        from serving.app import create_app
+
+        generator = Generator(**_as_kwargs(options), progress=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    name = options.served_model_name or _default_name(options)
+    app = create_app(
+        generator, model_name=name, api_key=args.api_key, drain_seconds=args.drain_seconds
+    )
+    logger.info("serving %s on http://%s:%d", name, args.host, args.port)
+    try:
+        web.run_app(
+            app,
+            host=args.host,
+            port=args.port,
+            print=None,
+            handler_cancellation=True,
+            access_log=None,
+        )
+    finally:
+        generator.shutdown()
+    return 0
+
+
+def _as_kwargs(options: EngineOptions) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+
+
+def _default_name(options: EngineOptions) -> str:
+    if options.model_path is None:
+        return DEFAULT_MODEL
+    return Path(options.model_path).name
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""SGLang's native routes: `/generate`, health, model and server info, cache flush."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+from aiohttp import web
+
+from serving.errors import HTTPError, json_body
+from serving.server_state import ServerState
+from serving.sse import SSEWriter
+
+_GENERATE_KEYS = {
+    "text", "input_ids", "sampling_params", "stream", "return_logprob", "logprob_start_len",
+    "top_logprobs_num", "rid", "namespace", "return_text_in_logprobs", "image_data", "lora_path",
+}  # fmt: skip
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    state: ServerState = request.app["state"]
+    body = await json_body(request)
+    unknown = sorted(set(body) - _GENERATE_KEYS)
+    if unknown:
+        raise HTTPError(400, f"unknown fields: {', '.join(unknown)}")
+    if body.get("image_data") or body.get("lora_path"):
+        raise HTTPError(400, "image_data and lora_path are not supported")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise HTTPError(400, f"stream must be a boolean, got {stream!r}")
+    params = body.get("sampling_params") or {}
+    if not isinstance(params, dict | list):
+        raise HTTPError(400, "sampling_params must be an object or a list of objects")
+    flags = {k: body[k] for k in ("logprob_start_len", "top_logprobs_num") if k in body}
+    for key, value in flags.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise HTTPError(400, f"{key} must be an integer, got {value!r}")
+    return_logprob = body.get("return_logprob", False)
+    if not isinstance(return_logprob, bool):
+        raise HTTPError(400, f"return_logprob must be a boolean, got {return_logprob!r}")
+    namespace = body.get("namespace") or ""
+    if not isinstance(namespace, str):
+        raise HTTPError(400, "namespace must be a string")
+    rid = body.get("rid")
+    if rid is not None and not isinstance(rid, str | list):
+        raise HTTPError(400, "rid must be a string or a list of strings")
+    reqs, batched = state.generator.make_requests(
+        body.get("text"),
+        params,
+        body.get("input_ids"),
+        return_logprob=return_logprob,
+        namespace=namespace,
+        rid=rid,
+        logprob_start_len=flags.get("logprob_start_len", -1),
+        top_logprobs_num=flags.get("top_logprobs_num", 0),
+    )
+    state.check_context(reqs)
+    if stream:
+        return await _stream(request, state, reqs)
+    text = {r.rid: "" for r in reqs}
+    final: dict[str, dict] = {}
+    async for ev in state.events(reqs):
+        text[ev["rid"]] += ev["text"]
+        if ev["finished"]:
+            final[ev["rid"]] = ev["meta_info"]
+    results = [
+        {"text": text[r.rid], "output_ids": list(r.output_ids), "meta_info": final[r.rid]}
+        for r in reqs
+    ]
+    return web.json_response(results if batched else results[0])
+
+
+async def _stream(request, state: ServerState, reqs) -> web.StreamResponse:
+    """Each chunk carries the request's whole text and ids so far, as SGLang streams them."""
+    sse = SSEWriter()
+    await sse.start(request)
+    text = {r.rid: "" for r in reqs}
+    index = {r.rid: i for i, r in enumerate(reqs)}
+    try:
+        async for ev in state.events(reqs):
+            text[ev["rid"]] += ev["text"]
+            req = reqs[index[ev["rid"]]]
+            await sse.send(
+                {
+                    "text": text[ev["rid"]],
+                    "output_ids": list(req.output_ids),
+                    "meta_info": ev["meta_info"],
+                    "index": index[ev["rid"]],
+                }
+            )
+    except HTTPError as e:
+        await sse.send({"error": {"message": e.message, "type": e.type, "code": e.status}})
+    await sse.done()
+    return sse.response
+
+
+async def health(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    alive = state.generator.engine.alive
+    return web.Response(status=200 if alive else 503, text="ok" if alive else "engine stopped")
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """A real one-token generation through the engine."""
+    state: ServerState = request.app["state"]
+    reqs = state.make_requests(
+        None,
+        [state.generator.engine.loaded.config.bos_token_id or 0],
+        {"max_new_tokens": 1, "temperature": 0},
+        False,
+        0,
+    )
+    try:
+        async with asyncio.timeout(60):
+            async for _ in state.events(reqs):
+                pass
+    except TimeoutError:
+        return web.Response(status=503, text="generation timed out")
+    return web.Response(text="ok")
+
+
+async def model_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    engine = state.generator.engine
+    return web.json_response(
+        {
+            "model_path": str(engine.loaded.path or state.generator.options.model_path),
+            "tokenizer_path": str(engine.loaded.path or ""),
+            "served_model_name": state.model_name,
+            "is_generation": True,
+            "context_length": engine.context_length,
+            "vocab_size": engine.loaded.config.vocab_size,
+        }
+    )
+
+
+async def server_info(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    options = dataclasses.asdict(state.generator.options)
+    integrity = await asyncio.to_thread(state.generator.check_integrity)
+    return web.json_response(
+        {
+            **options,
+            **state.generator.engine.metrics(),
+            "integrity": integrity,
+            "version": _version(),
+        }
+    )
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    state: ServerState = request.app["state"]
+    if not await asyncio.to_thread(state.generator.flush_cache):
+        raise HTTPError(400, "cache not flushed: requests are running")
+    return web.Response(text="Cache flushed.")
+
+
+def _version() -> str:
+    import jaxsgl
+
+    return jaxsgl.__version__

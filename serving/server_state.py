@@ -1,0 +1,63 @@
+"""What every handler shares: the generator (engine client), names, metrics."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from jaxsgl.engine.request import Request
+from jaxsgl.generator import Generator
+from serving.errors import HTTPError
+from serving.metrics import Metrics
+
+
+class ServerState:
+    def __init__(self, generator: Generator, model_name: str, metrics: Metrics):
+        self.generator = generator
+        self.model_name = model_name
+        path = generator.options.model_path
+        self.served_names = {model_name, "default"} | ({str(path)} if path else set())
+        self.metrics = metrics
+        self.started = time.time()
+        self.draining = False
+
+    def make_requests(
+        self, texts: Any, ids: Any, params: dict, logprobs: bool, top: int, **kwargs: Any
+    ) -> list[Request]:
+        """Validated requests; a prompt plus max_new_tokens must fit the context."""
+        if self.draining:
+            raise HTTPError(503, "the server is shutting down", "service_unavailable")
+        reqs, _ = self.generator.make_requests(
+            texts, params, ids, return_logprob=logprobs, top_logprobs_num=top, **kwargs
+        )
+        self.check_context(reqs)
+        return reqs
+
+    def check_context(self, reqs: list[Request]) -> None:
+        context = self.generator.engine.context_length
+        for r in reqs:
+            if len(r.prompt_ids) + r.params.max_new_tokens > context:
+                raise HTTPError(
+                    400,
+                    f"{len(r.prompt_ids)} prompt tokens + max_tokens "
+                    f"{r.params.max_new_tokens} exceed the context length "
+                    f"{context}",
+                )
+
+    async def events(self, reqs: list[Request]) -> AsyncIterator[dict]:
+        """The requests' engine events; the metrics see each finish. Closing early aborts."""
+        async with contextlib.aclosing(self.generator.stream_events(reqs)) as events:
+            async for ev in events:
+                if ev["finished"]:
+                    self.metrics.observe_finished(ev["meta_info"])
+                    reason = ev["meta_info"]["finish_reason"]
+                    if reason["type"] == "abort":
+                        raise HTTPError(400, f"request aborted: {reason['message']}")
+                yield ev
+
+    @functools.lru_cache(maxsize=65536)  # noqa: B019 - one state per server, ids are few
+    def token_text(self, token_id: int) -> str:
+        return self.generator.tokenizer.decode([token_id])
