@@ -1,7 +1,7 @@
 """Print the shell command of a marked block of README.md.
 
 A block is marked by an HTML comment line `<!-- NAME -->` right before a ```bash fence; its
-lines are joined with " && " after dropping comments and backslash continuations.
+lines, without blank and comment lines, are printed as a script for `bash -e`.
 """
 
 import sys
@@ -23,7 +23,7 @@ def readme_command(name: str, readme: Path = Path(__file__).parents[1] / "README
         line = line.strip()
         if line and not line.startswith("#"):
             body.append(line)
-    return " && ".join(body)
+    return "\n".join(body)
 
 
 if __name__ == "__main__":
