@@ -73,6 +73,8 @@ async def json_body(request: web.Request) -> dict:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+    except RecursionError:  # `[[[[...` thousands deep: the decoder's own limit
+        raise HTTPError(400, "request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise HTTPError(400, "request body must be a JSON object")
     return body

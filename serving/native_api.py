@@ -41,9 +41,12 @@ async def generate(request: web.Request) -> web.StreamResponse:
     namespace = body.get("namespace") or ""
     if not isinstance(namespace, str):
         raise HTTPError(400, "namespace must be a string")
+    if body.get("input_ids") is not None and not isinstance(body["input_ids"], list):
+        raise HTTPError(400, "input_ids must be a list of token ids or a list of such lists")
     rid = body.get("rid")
     if rid is not None and not isinstance(rid, str | list):
         raise HTTPError(400, "rid must be a string or a list of strings")
+    state.admit(params)
     reqs, batched = state.generator.make_requests(
         body.get("text"),
         params,

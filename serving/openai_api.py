@@ -10,7 +10,7 @@ from aiohttp import web
 
 from jaxsgl.engine.request import Request
 from serving import openai_params as op
-from serving.errors import HTTPError, json_body
+from serving.errors import HTTPError, error_body, json_body
 from serving.server_state import ServerState
 from serving.sse import SSEWriter
 
@@ -108,12 +108,15 @@ async def _stream(request, state, reqs, builder: _Builder, include_usage: bool):
     if builder.chat:
         for i in range(len(reqs)):
             await sse.send(builder.chunk(i, {"role": "assistant", "content": ""}, None))
-    async for ev in state.events(reqs):
-        delta = builder.add(ev)
-        if delta is not None:
-            await sse.send(delta)
-    if include_usage:
-        await sse.send({**builder.header("chunk"), "choices": [], "usage": builder.usage()})
+    try:
+        async for ev in state.events(reqs):
+            delta = builder.add(ev)
+            if delta is not None:
+                await sse.send(delta)
+        if include_usage:
+            await sse.send({**builder.header("chunk"), "choices": [], "usage": builder.usage()})
+    except HTTPError as e:  # aborted mid-stream: the status is sent, so the error is an event
+        await sse.send(error_body(e.status, e.message, e.type))
     await sse.done()
     return sse.response
 

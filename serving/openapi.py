@@ -14,18 +14,21 @@ _bool = {"type": "boolean"}
 _str = {"type": "string"}
 _stop = {"oneOf": [_str, {"type": "array", "items": _str, "maxItems": 4}]}
 _ids = {"type": "array", "items": {"type": "integer", "minimum": 0}}
+_prompt = {"type": "string", "minLength": 1}  # a prompt needs at least one token
+_prompt_ids = {**_ids, "minItems": 1}
+_top_k = {"oneOf": [{"type": "integer", "enum": [-1]}, {"type": "integer", "minimum": 1}]}
 
 _SAMPLING = {
     "temperature": {"type": "number", "minimum": 0, "maximum": 2},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": _int,
+    "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1},
+    "top_k": _top_k,
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
     "n": {"type": "integer", "minimum": 1, "maximum": 4},
     "stop": _stop,
     "seed": _int,
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "maximum": 2},
+    "repetition_penalty": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 2},
     "ignore_eos": _bool,
     "stream": _bool,
     "stream_options": {"type": "object", "properties": {"include_usage": _bool}},
@@ -36,7 +39,9 @@ _COMPLETION = {
     "required": ["prompt"],
     "properties": {
         "model": _str,
-        "prompt": {"oneOf": [_str, {"type": "array", "items": _str, "minItems": 1}, _ids]},
+        "prompt": {
+            "oneOf": [_prompt, {"type": "array", "items": _prompt, "minItems": 1}, _prompt_ids]
+        },
         "max_tokens": {"type": "integer", "minimum": 1},
         "logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
         **_SAMPLING,
@@ -74,7 +79,7 @@ _NATIVE_SAMPLING = {
         "min_new_tokens": {"type": "integer", "minimum": 0},
         "temperature": _SAMPLING["temperature"],
         "top_p": _SAMPLING["top_p"],
-        "top_k": _int,
+        "top_k": _top_k,
         "min_p": _SAMPLING["min_p"],
         "stop": _stop,
         "stop_token_ids": _ids,
@@ -87,9 +92,10 @@ _NATIVE_SAMPLING = {
 
 _GENERATE = {
     "type": "object",
+    "oneOf": [{"required": ["text"]}, {"required": ["input_ids"]}],
     "properties": {
-        "text": {"oneOf": [_str, {"type": "array", "items": _str, "minItems": 1}]},
-        "input_ids": _ids,
+        "text": {"oneOf": [_prompt, {"type": "array", "items": _prompt, "minItems": 1}]},
+        "input_ids": _prompt_ids,
         "sampling_params": _NATIVE_SAMPLING,
         "stream": _bool,
         "return_logprob": _bool,

@@ -13,6 +13,8 @@ from jaxsgl.generator import Generator
 from serving.errors import HTTPError
 from serving.metrics import Metrics
 
+MAX_N = 128  # OpenAI's own bound on `n`, the choices per prompt
+
 
 class ServerState:
     def __init__(self, generator: Generator, model_name: str, metrics: Metrics):
@@ -28,13 +30,22 @@ class ServerState:
         self, texts: Any, ids: Any, params: dict, logprobs: bool, top: int, **kwargs: Any
     ) -> list[Request]:
         """Validated requests; a prompt plus max_new_tokens must fit the context."""
-        if self.draining:
-            raise HTTPError(503, "the server is shutting down", "service_unavailable")
+        self.admit(params)
         reqs, _ = self.generator.make_requests(
             texts, params, ids, return_logprob=logprobs, top_logprobs_num=top, **kwargs
         )
         self.check_context(reqs)
         return reqs
+
+    def admit(self, params: Any) -> None:
+        """Refuse work while draining; bound `n` before the `n` copies of a request are made
+        (`"n": 1e12` would fill the memory and stall the event loop)."""
+        if self.draining:
+            raise HTTPError(503, "the server is shutting down", "service_unavailable")
+        for p in params if isinstance(params, list) else [params]:
+            n = p.get("n") if isinstance(p, dict) else None
+            if isinstance(n, int) and n > MAX_N:
+                raise HTTPError(400, f"n must be at most {MAX_N}, got {n}")
 
     def check_context(self, reqs: list[Request]) -> None:
         context = self.generator.engine.context_length
