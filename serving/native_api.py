@@ -44,7 +44,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     if body.get("input_ids") is not None and not isinstance(body["input_ids"], list):
         raise HTTPError(400, "input_ids must be a list of token ids or a list of such lists")
     rid = body.get("rid")
-    if rid is not None and not isinstance(rid, str | list):
+    rids = rid if isinstance(rid, list) else [rid]
+    if rid is not None and not all(isinstance(r, str) for r in rids):
         raise HTTPError(400, "rid must be a string or a list of strings")
     state.admit(params)
     reqs, batched = state.generator.make_requests(

@@ -69,7 +69,8 @@ def check_stream(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise HTTPError(400, f"stream must be a boolean, got {stream!r}")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise HTTPError(400, "stream_options must be an object")
     include = options.get("include_usage", False)
