@@ -35,6 +35,7 @@ from flax import nnx
 from jaxsgl import sharding
 from jaxsgl.config import PRESETS
 from jaxsgl.model import attention, llama
+from jaxsgl.model.attention_backend import AttentionBackend
 from jaxsgl.model.forward_batch import SeqChunk, fit_shape, make_kv_pool, pack_chunks
 from jaxsgl.model.loader import _build
 
@@ -113,7 +114,9 @@ class Bench:
             )
         )
         layer = jax.jit(
-            lambda w, x, kv, b: llama.decoder_layer(cfg, w, x, cos, sin, b, kv, jnp.int32(0)),
+            lambda w, x, kv, b: llama.decoder_layer(
+                cfg, AttentionBackend(), w, x, cos, sin, b, kv, jnp.int32(0)
+            ),
             donate_argnums=2,
         )
 

@@ -15,13 +15,8 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-import gguf
 import jinja2
 from transformers import PreTrainedTokenizerFast
-from transformers.integrations.gguf.gguf_tokenizer_mapping import (
-    GGUF_TOKENIZER_MAPPING,
-    convert_gguf_tokenizer,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +173,10 @@ def _load_hf_folder(folder: Path) -> PreTrainedTokenizerFast:
 
 
 def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
+    # Only GGUF files need these (and transformers moved its GGUF mapping between releases).
+    import gguf
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
     try:
         reader = gguf.GGUFReader(path)
     except (OSError, ValueError) as e:
@@ -211,6 +210,8 @@ def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
 
 def _renamed_fields(fields: dict, group: str) -> dict:
     """The `tokenizer.*` GGUF fields of one transformers group, under transformers' names."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
     renames = GGUF_TOKENIZER_MAPPING[group]  # {"ggml.tokens": "tokens", ...}
     return {
         new: fields[f"tokenizer.{old}"]

@@ -51,7 +51,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--disable-radix-cache", action="store_true")
     a("--page-size", type=int, default=d.page_size)
+    a(
+        "--attention-backend",
+        default=None,
+        choices=["native", "pallas"],
+        help="paged attention implementation (default: pallas on GPUs, native elsewhere)",
+    )
     a("--random-seed", type=int, default=d.random_seed)
+    a(
+        "--disable-overlap-schedule",
+        action="store_true",
+        help="wait for each decode step before preparing the next",
+    )
     a(
         "--grammar-backend",
         default="none",
@@ -111,6 +122,8 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         schedule_constraint_ms=args.schedule_constraint_ms,
         disable_radix_cache=args.disable_radix_cache,
         page_size=args.page_size,
+        attention_backend=args.attention_backend,
+        disable_overlap_schedule=args.disable_overlap_schedule,
         random_seed=args.random_seed,
         served_model_name=args.served_model_name,
         chat_template=template,

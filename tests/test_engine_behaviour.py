@@ -92,6 +92,35 @@ def test_seeded_sampling_reproduces_across_batches(gen):
     assert other_seed["output_ids"] != alone["output_ids"]
 
 
+def test_overlap_schedule_changes_no_output(gen):
+    """Lookahead decode steps (the default) give what step-by-step decoding gives: seeded
+    sampling, requests ending at different steps by length, eos and stop strings."""
+    prompts = ["Tell me about the sea.", "1, 2, 3,", "Hello", "Name a color:"]
+    params = [
+        {"temperature": 1.0, "max_new_tokens": 9, "sampling_seed": 5},
+        {"temperature": 0.0, "max_new_tokens": 20, "stop": [","]},
+        {"temperature": 0.7, "top_k": 20, "max_new_tokens": 3, "sampling_seed": 8},
+        {"temperature": 0.0, "max_new_tokens": 40},
+    ]
+    before = gen.engine.stats.num_lookahead_steps
+    overlapped = gen.generate(prompts, params)
+    assert gen.engine.stats.num_lookahead_steps > before
+    with Generator(
+        dtype="float32",
+        max_total_tokens=4096,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+        disable_overlap_schedule=True,
+    ) as plain:
+        stepwise = plain.generate(prompts, params)
+        assert plain.engine.stats.num_lookahead_steps == 0
+        assert plain.check_integrity() == {"running": 0, "waiting": 0}
+    for a, b in zip(overlapped, stepwise, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+
+
 def test_n_copies_share_the_prompt(gen):
     prompt = _shared_prefix_prompts(gen, 1)[0]
     outs = gen.generate(

@@ -13,6 +13,7 @@ Callers talk to it through `submit` and `abort` (thread safe); each request's ev
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import queue
 import random
@@ -20,7 +21,15 @@ import threading
 import time
 from typing import Any
 
-from jaxsgl.engine.model_runner import ModelRunner, enable_compilation_cache
+import numpy as np
+
+from jaxsgl.engine.model_runner import (
+    ModelRunner,
+    PendingStep,
+    PreparedStep,
+    StepResult,
+    enable_compilation_cache,
+)
 from jaxsgl.engine.options import EngineOptions
 from jaxsgl.engine.output import OutputState
 from jaxsgl.engine.postprocess import emit, record_step
@@ -48,6 +57,7 @@ class EngineStats:
         self.num_aborted = 0
         self.num_extend_steps = 0
         self.num_decode_steps = 0
+        self.num_lookahead_steps = 0  # decode steps launched before the previous one ended
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
         self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
@@ -86,7 +96,12 @@ class Engine:
         self.context_length = context_length_for(options, cfg)
         num_pages = kv_pages_for(options, self.loaded, self.context_length)
         self.runner = ModelRunner(
-            self.loaded, num_pages, options.page_size, cfg.vocab_size, self.eos_ids
+            self.loaded,
+            num_pages,
+            options.page_size,
+            cfg.vocab_size,
+            self.eos_ids,
+            attention_backend=options.attention_backend,
         )
         self.scheduler = Scheduler(options, num_pages, self.context_length)
         if options.warmup:
@@ -101,6 +116,7 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._requests: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
+        self._inflight: tuple[ScheduledBatch, PendingStep] | None = None  # launched, uncollected
         self._stop = threading.Event()
         self._seeds = random.Random(options.random_seed)  # for requests without a seed
         self._last_log = time.perf_counter()
@@ -189,23 +205,34 @@ class Engine:
             self._finish(req)
 
     def step(self) -> bool:
-        """Schedule and run one batch; False when there was nothing to run."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return False
-        rows = [self._row_state(r) for r in batch.reqs]
-        k = max((r.top_logprobs_num for r in batch.reqs if r.return_logprob), default=0)
-        targets = [
-            self._targets(r, c) if c.all_logits else None
-            for r, c in zip(batch.reqs, batch.chunks, strict=True)
-        ]
-        result = self.runner.run(
-            batch.chunks,
-            rows,
-            decode=batch.kind == "decode",
-            top_logprobs_num=k,
-            target_ids=targets,
-        )
+        """Run one batch; False when there was nothing to run.
+
+        Overlap: while decode step N runs on the device, step N+1 for the same requests is
+        launched with placeholders for the tokens N is sampling, so recording N and preparing
+        N+1 on the host hide behind the device's work. Rows of requests that finished or left
+        meanwhile are dropped when N+1 is collected.
+        """
+        if self._inflight is not None:
+            batch, pending = self._inflight
+            self._inflight = None
+        else:
+            batch = self.scheduler.schedule()
+            if batch is None:
+                return False
+            pending = self.runner.launch(self._prepare(batch))
+        # Only an unchanged batch looks ahead: its step then has the shape of the one before,
+        # whose sampled tokens it reads row for row. After a request leaves, one step waits.
+        overlap = not self.options.disable_overlap_schedule
+        unchanged = len(_live(batch)) == len(batch.reqs)
+        if overlap and unchanged and not any(map(_penalized, batch.reqs)):
+            nxt = self.scheduler.lookahead(batch)
+            if nxt is not None:
+                step = self._prepare(nxt, lookahead=True)
+                self._inflight = (nxt, self.runner.launch(step, prev=pending))
+                self.stats.num_lookahead_steps += 1
+        batch, result = _live_rows(batch, self.runner.collect(pending))
+        if not batch.reqs:
+            return True
         record_step(self, batch, result)
         self._log_step(batch)
         for req in batch.reqs:
@@ -214,6 +241,24 @@ class Engine:
             else:
                 emit(self, req, finished=False)
         return True
+
+    def _prepare(self, batch: ScheduledBatch, lookahead: bool = False) -> PreparedStep:
+        """Host inputs for `batch`. A lookahead batch's chunk i takes its token from row i of
+        the step launched before it, and is one token further than its request recorded."""
+        rows = [self._row_state(r, int(lookahead)) for r in batch.reqs]
+        k = max((r.top_logprobs_num for r in batch.reqs if r.return_logprob), default=0)
+        targets = [
+            self._targets(r, c) if c.all_logits else None
+            for r, c in zip(batch.reqs, batch.chunks, strict=True)
+        ]
+        return self.runner.prepare(
+            batch.chunks,
+            rows,
+            batch.kind == "decode",
+            k,
+            targets,
+            placeholders=lookahead,
+        )
 
     def _log_step(self, batch: ScheduledBatch) -> None:
         """SGLang-style batch lines: every prefill, every `DECODE_LOG_INTERVAL`-th decode."""
@@ -251,14 +296,12 @@ class Engine:
                 len(sched.waiting),
             )
 
-    def _row_state(self, req: Request) -> RowState:
-        p = req.params
-        penalized = p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1
+    def _row_state(self, req: Request, ahead: int = 0) -> RowState:
         return RowState(
-            params=p,
+            params=req.params,
             seed=req.seed,
-            num_output_tokens=len(req.output_ids),
-            output_counts=collections.Counter(req.output_ids) if penalized else {},
+            num_output_tokens=len(req.output_ids) + ahead,
+            output_counts=collections.Counter(req.output_ids) if _penalized(req) else {},
             prompt_ids=req.prompt_ids,
         )
 
@@ -280,6 +323,7 @@ class Engine:
         self.outputs.pop(id(req), None)
 
     def _fail_running(self, message: str) -> None:
+        self._inflight = None
         for req in list(self.scheduler.running):
             self.outputs[id(req)].abort(message)
             self._finish(req)
@@ -310,3 +354,41 @@ class Engine:
             "num_retractions_total": sched.num_retractions,
             "num_evicted_pages_total": kv.num_evicted_pages,
         }
+
+
+def _penalized(req: Request) -> bool:
+    """Penalties read the request's token counts, which a lookahead step cannot know."""
+    p = req.params
+    return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1)
+
+
+def _live(batch: ScheduledBatch) -> list[int]:
+    """Rows of `batch` whose requests are still where the batch left them: running, their KV
+    ending where the chunk began (not finished, aborted or retracted since)."""
+    return [
+        i
+        for i, (r, c) in enumerate(zip(batch.reqs, batch.chunks, strict=True))
+        if r.status is Status.RUNNING and r.kv_len == c.prefix_len
+    ]
+
+
+def _subset(batch: ScheduledBatch, rows: list[int]) -> ScheduledBatch:
+    pick = lambda xs: [xs[i] for i in rows]
+    return ScheduledBatch(batch.kind, pick(batch.reqs), pick(batch.chunks), pick(batch.sample))
+
+
+def _live_rows(batch: ScheduledBatch, result: StepResult) -> tuple[ScheduledBatch, StepResult]:
+    """`batch` and `result` without the rows of requests that left since the step launched."""
+    keep = _live(batch)
+    if len(keep) == len(batch.reqs):
+        return batch, result
+    rows = np.asarray(keep, np.int64)
+    live = _subset(batch, keep)
+    assert result.target_logprobs is None  # only lookahead steps outlive a request: decodes
+    return live, dataclasses.replace(
+        result,
+        tokens=result.tokens[rows],
+        logprobs=result.logprobs[rows],
+        top_logprobs=result.top_logprobs[rows],
+        top_ids=result.top_ids[rows],
+    )

@@ -15,10 +15,13 @@ from collections.abc import Sequence
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxsgl.model.attention_backend import AttentionBackend, default_backend
 from jaxsgl.model.forward_batch import (
     ForwardBatch,
     KVPool,
@@ -34,6 +37,7 @@ from jaxsgl.model.loader import LoadedModel
 from jaxsgl.sampler import (
     RowState,
     SampleOutput,
+    SamplingInputs,
     build_sampling_inputs,
     log_softmax_at,
     sample,
@@ -61,6 +65,30 @@ class StepResult:
     target_top_ids: np.ndarray | None  # [R, k]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedStep:
+    """A step's host inputs, padded to its shape bucket; `ModelRunner.launch` runs it."""
+
+    batch: ForwardBatch
+    sampling: SamplingInputs
+    sample_rows: np.ndarray  # [S] logits row sampled for each chunk
+    want_targets: bool
+    target_ids: np.ndarray  # [R]
+    num_chunks: int
+    # Token t is row token_src[t] of the previous step's sampled tokens, or batch.tokens[t]
+    # where token_src[t] is -1 (see `ModelRunner.prepare`).
+    token_src: np.ndarray  # [T] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class PendingStep:
+    """A launched step: device arrays not yet waited for."""
+
+    out: SampleOutput
+    targets: tuple | None
+    num_chunks: int
+
+
 def enable_compilation_cache(path: str | None) -> str:
     path = path or os.path.join(os.path.expanduser("~"), ".cache", "jaxsgl", "xla")
     os.makedirs(path, exist_ok=True)
@@ -77,17 +105,31 @@ class ModelRunner:
         page_size: int,
         vocab_size: int,
         eos_token_ids: Sequence[int] = (),
+        *,
+        attention_backend: str | None = None,
+        unroll_layers: bool | None = None,
     ):
         self.loaded = loaded
         self.page_size = page_size
         self.num_pages = num_pages
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
-        self.graphdef, self.state = nnx.split(loaded.model)
         device_cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
         self.kv = make_kv_pool(device_cfg, num_pages, page_size, loaded.dtype, loaded.mesh)
         self.kv_sharding = kv_pool_sharding(device_cfg, loaded.mesh)
+        platform = loaded.mesh.devices.flat[0].platform
+        loaded.model.attention = AttentionBackend(
+            attention_backend or default_backend(platform),
+            mesh=loaded.mesh,
+            heads_sharded=self.kv_sharding.spec[1] is not None,
+            interpret=platform != "gpu",  # Pallas kernels run interpreted off GPUs (tests)
+        )
+        # Unrolled layers read weights in place but compile far slower: opt-in.
+        loaded.model.unroll_layers = bool(unroll_layers)
+        logger.info("attention backend: %s", loaded.model.attention.name)
+        self.graphdef, self.state = nnx.split(loaded.model)
         self.num_steps = 0
+        self._zero_tokens: dict[int, jax.Array] = {}
 
     @property
     def num_compiled(self) -> int:
@@ -105,9 +147,27 @@ class ModelRunner:
     ) -> StepResult:
         """One step. `rows[i]` is the sampling state of `chunks[i]`; `target_ids[i]`, for a
         chunk with `all_logits`, are the ids after each of its new tokens."""
+        step = self.prepare(chunks, rows, decode, top_logprobs_num, target_ids)
+        return self.collect(self.launch(step))
+
+    def prepare(
+        self,
+        chunks: Sequence[SeqChunk],
+        rows: Sequence[RowState],
+        decode: bool,
+        top_logprobs_num: int = 0,
+        target_ids: Sequence[Sequence[int]] | None = None,
+        *,
+        placeholders: bool = False,
+    ) -> PreparedStep:
+        """The host half of a step: the padded numpy inputs.
+
+        With `placeholders` (a decode step prepared before the previous one finished, over
+        the same sequences), chunk i's token is whatever the previous step sampled in its row
+        i: `launch` gets those tokens as a device array, and the step reads them there.
+        """
         shape = self.shape_for(chunks, decode)
         k = bucket(top_logprobs_num) if top_logprobs_num else 0
-        batch = pack_chunks(chunks, self.page_size, shape)
         sampling = build_sampling_inputs(
             rows,
             vocab_size=self.vocab_size,
@@ -116,25 +176,58 @@ class ModelRunner:
             top_logprobs_num=k,
         )
         sample_rows, targets = self._rows(chunks, shape, target_ids)
-        want = any(c.all_logits for c in chunks)
+        token_src = np.full(shape.T, -1, np.int32)
+        if placeholders:
+            assert decode
+            token_src[: len(chunks)] = np.arange(len(chunks))
+        return PreparedStep(
+            token_src=token_src,
+            batch=pack_chunks(chunks, self.page_size, shape),
+            sampling=sampling,
+            sample_rows=sample_rows,
+            want_targets=any(c.all_logits for c in chunks),
+            target_ids=targets,
+            num_chunks=len(chunks),
+        )
+
+    def launch(self, step: PreparedStep, prev: PendingStep | None = None) -> PendingStep:
+        """Dispatch the step to the device and return at once (JAX runs it asynchronously).
+        `prev` is the launched step whose sampled tokens fill the placeholders."""
+        S = step.batch.q_start.shape[0]
+        prev_tokens = prev.out.tokens if prev is not None else self._no_tokens(S)
+        assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
         out, tgt, self.kv = _step(
             self.graphdef,
             self.kv.k.sharding,
             self.state,
             self.kv,
-            batch,
-            sampling,
-            sample_rows,
-            want,
-            targets,
+            step.batch,
+            step.sampling,
+            step.sample_rows,
+            step.want_targets,
+            step.target_ids,
+            step.token_src,
+            prev_tokens,
         )
         self.num_steps += 1
-        n = len(chunks)
-        out = jax.device_get(out)
-        tgt = jax.device_get(tgt) if tgt is not None else (None, None, None)
+        return PendingStep(out, tgt, step.num_chunks)
+
+    def collect(self, pending: PendingStep) -> StepResult:
+        """Wait for a launched step and copy its outputs to the host."""
+        n = pending.num_chunks
+        out = jax.device_get(pending.out)
+        tgt = jax.device_get(pending.targets) if pending.targets is not None else (None,) * 3
         return StepResult(
             out.tokens[:n], out.logprobs[:n], out.top_logprobs[:n], out.top_ids[:n], *tgt
         )
+
+    def _no_tokens(self, S: int) -> jax.Array:
+        """Zeros standing in for a previous step's tokens, placed like a step's outputs so
+        both kinds of step share one compiled program."""
+        if S not in self._zero_tokens:
+            sharding = NamedSharding(self.loaded.mesh, PartitionSpec())
+            self._zero_tokens[S] = jax.device_put(np.zeros(S, np.int32), sharding)
+        return self._zero_tokens[S]
 
     def shape_for(self, chunks: Sequence[SeqChunk], decode: bool) -> Shape:
         if decode:
@@ -194,8 +287,12 @@ def _step(
     sample_rows,
     want_targets: bool,
     target_ids,
+    token_src,  # [T] int32, row of prev_tokens holding the token, or -1: batch.tokens
+    prev_tokens,  # [S] int32, the previous step's sampled tokens (device resident)
 ):
     """Forward + sample. Module level, so runners of the same model share compiled programs."""
+    tokens = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], batch.tokens)
+    batch = dataclasses.replace(batch, tokens=tokens)
     logits, kv = nnx.merge(graphdef, state)(batch, kv)  # [R, V]
     # Pin the pool's sharding: the next step then gets exactly the input it was compiled for.
     kv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_sharding), kv)

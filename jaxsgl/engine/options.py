@@ -26,6 +26,8 @@ class EngineOptions:
     schedule_constraint_ms: float = 0.0  # batching window before a prefill
     disable_radix_cache: bool = False
     page_size: int = 16
+    attention_backend: str | None = None  # "native" or "pallas"; None: pallas on GPUs
+    disable_overlap_schedule: bool = False  # else decode step N+1 launches before N ends
     random_seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -41,6 +43,10 @@ class EngineOptions:
         for name in ("tp_size", "dp_size", "max_running_requests", "page_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.attention_backend not in (None, "native", "pallas"):
+            raise ValueError(
+                f"attention_backend {self.attention_backend!r} is not 'native' or 'pallas'"
+            )
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
         if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:

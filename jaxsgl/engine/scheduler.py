@@ -161,6 +161,27 @@ class Scheduler:
         chunks = [SeqChunk(r.tokens[-1:], r.kv_len, list(r.pages)) for r in reqs]
         return ScheduledBatch("decode", reqs, chunks, [True] * len(reqs))
 
+    def lookahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
+        """The decode step after `batch` for the same requests, formed before `batch`'s tokens
+        are known (each chunk's token is a placeholder). None when that step might not be
+        the next one: requests wait, or a request lacks a page for the extra token.
+
+        A request that finishes in `batch` keeps a row in the lookahead step; the engine drops
+        that row, and its extra KV slot, past the request's end, is never read.
+        """
+        if batch.kind != "decode" or self.waiting:
+            return None
+        if any(r.prefilling for r in self.running):
+            return None
+        for req, chunk in zip(batch.reqs, batch.chunks, strict=True):
+            if not self.kv.reserve(req, chunk.prefix_len + 2):
+                return None
+        chunks = [
+            SeqChunk([0], c.prefix_len + 1, list(r.pages))
+            for r, c in zip(batch.reqs, batch.chunks, strict=True)
+        ]
+        return ScheduledBatch("decode", list(batch.reqs), chunks, [True] * len(batch.reqs))
+
     def _retract(self, req: Request) -> None:
         logger.info("retracting %s after %d tokens: KV pool full", req.rid, len(req.output_ids))
         self.running.remove(req)

@@ -23,6 +23,7 @@ from flax import nnx
 
 from jaxsgl.config import ModelConfig
 from jaxsgl.model import attention
+from jaxsgl.model.attention_backend import AttentionBackend
 from jaxsgl.model.forward_batch import ForwardBatch, KVPool
 
 
@@ -69,6 +70,11 @@ class LlamaLayers(nnx.Module):
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
+        # Static: part of the graphdef, so each backend is its own compiled program.
+        self.attention = AttentionBackend()
+        # Layers under `lax.scan` (compile time flat in depth) or unrolled (each layer reads
+        # its weights in place, where a scan may copy each layer's slice before a matmul).
+        self.unroll_layers = False
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, 1)
         self.layers = LlamaLayers(cfg, dtype, rngs)
@@ -79,7 +85,7 @@ class Llama(nnx.Module):
     def __call__(self, batch: ForwardBatch, kv: KVPool) -> tuple[jax.Array, KVPool]:
         """Writes the step's K/V into `kv` and returns next-token logits `[R, V]` (float32) at
         `batch.logits_indices`, with the updated pool."""
-        cfg = self.cfg
+        cfg, attend = self.cfg, self.attention
         x = self.embed[...][batch.tokens]  # [T, D]
         cos, sin = rope_tables(cfg, batch.positions)  # [T, H/2] each
         weights = nnx.to_pure_dict(nnx.state(self.layers))
@@ -88,10 +94,15 @@ class Llama(nnx.Module):
         def layer(carry, xs):
             x, kv = carry
             w, l = xs
-            return decoder_layer(cfg, w, x, cos, sin, batch, kv, l), None
+            return decoder_layer(cfg, attend, w, x, cos, sin, batch, kv, l), None
 
-        layer_ids = jnp.arange(cfg.num_layers)
-        (x, kv), _ = jax.lax.scan(layer, (x, kv), (weights, layer_ids))
+        if self.unroll_layers:
+            for l in range(cfg.num_layers):
+                w = jax.tree.map(lambda a, l=l: a[l], weights)
+                (x, kv), _ = layer((x, kv), (w, jnp.int32(l)))
+        else:
+            layer_ids = jnp.arange(cfg.num_layers)
+            (x, kv), _ = jax.lax.scan(layer, (x, kv), (weights, layer_ids))
         x = x[batch.logits_indices]  # [R, D]: the LM head only where logits are wanted
         x = rms_norm(x, self.final_norm[...], cfg.rms_norm_eps)
         if cfg.tie_word_embeddings:
@@ -103,6 +114,7 @@ class Llama(nnx.Module):
 
 def decoder_layer(
     cfg: ModelConfig,
+    attend: AttentionBackend,
     w: dict[str, jax.Array],
     x: jax.Array,
     cos: jax.Array,
@@ -124,7 +136,7 @@ def decoder_layer(
         k=attention.write_kv(kv.k, l, k, batch.write_slots),
         v=attention.write_kv(kv.v, l, v, batch.write_slots),
     )
-    o = attention.paged_attention(q, kv.k, kv.v, l, batch, scale=cfg.head_dim**-0.5)
+    o = attend(q, kv.k, kv.v, l, batch, scale=cfg.head_dim**-0.5)  # [T, N, H]
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
 
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)

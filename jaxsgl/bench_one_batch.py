@@ -1,0 +1,213 @@
+"""One static batch through the model runner, no server and no scheduler: prefill latency and
+decode step time for each batch size × input length × output length, each against its
+roofline measured in the same run.
+
+    python -m jaxsgl.bench_one_batch --model-path llama-3-8b --load-format dummy \\
+        --batch-size 1 128 --input-len 1024 --output-len 32
+
+The floor of a step is the larger of (weight bytes + KV bytes read and written) over the
+measured copy bandwidth and (matmul + attention FLOPs) over the measured bf16 matmul rate,
+both times the number of devices under tensor parallelism; `x floor` is measured time over
+that floor (1.0 is the ceiling). `host ms` is the part of a decode step the device does not
+account for: the wall time of a step prepared, launched and waited for, minus the time of the
+same prepared step launched back to back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import statistics
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxsgl.config import ModelConfig
+from jaxsgl.engine.model_runner import ModelRunner
+from jaxsgl.model.forward_batch import SeqChunk
+from jaxsgl.model.loader import load_model
+from jaxsgl.roofline import Ceilings, measure_ceilings, time_call
+from jaxsgl.sampler import RowState
+from jaxsgl.sampling_params import SamplingParams
+from jaxsgl.sharding import make_mesh
+
+GREEDY = RowState(params=SamplingParams(temperature=0.0), seed=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelCost:
+    """Bytes and FLOPs of the model, per token and per step."""
+
+    weight_bytes: int
+    matmul_params: int  # parameters that take part in a matmul per token (not the embedding)
+    kv_bytes_per_token: int
+    attn_flops_per_key: int  # QKᵀ and PV over all layers, per (query, key) pair
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, runner: ModelRunner) -> ModelCost:
+        leaves = jax.tree.leaves(runner.state)
+        weight_bytes = sum(x.nbytes for x in leaves)
+        params = sum(x.size for x in leaves)
+        embed = cfg.vocab_size * cfg.hidden_size
+        # A tied LM head reuses the embedding: it still costs a matmul per logits row.
+        matmul = params - embed + (embed if cfg.tie_word_embeddings else 0)
+        itemsize = leaves[0].dtype.itemsize
+        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
+        attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
+        return cls(weight_bytes, matmul, kv, attn)
+
+    def prefill(self, batch: int, input_len: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of a causal prefill of `batch` prompts of `input_len` tokens."""
+        tokens = batch * input_len
+        pairs = batch * input_len * (input_len + 1) / 2
+        return (
+            self.weight_bytes + tokens * self.kv_bytes_per_token,
+            2 * self.matmul_params * tokens + self.attn_flops_per_key * pairs,
+        )
+
+    def decode(self, batch: int, context: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of one decode step of `batch` sequences of `context` tokens."""
+        return (
+            self.weight_bytes + batch * (context + 1) * self.kv_bytes_per_token,
+            2 * self.matmul_params * batch + self.attn_flops_per_key * batch * context,
+        )
+
+
+def bench_case(
+    runner, cost: ModelCost, ceil: Ceilings, bs: int, input_len: int, output_len: int, rng
+) -> dict:
+    G = runner.page_size
+    pages_per_seq = -(-(input_len + output_len) // G)
+    # Sequence s owns pages 1 + s·pages_per_seq onwards (page 0 is the scratch page).
+    pages = [list(range(1 + s * pages_per_seq, 1 + (s + 1) * pages_per_seq)) for s in range(bs)]
+    prompts = rng.integers(10, runner.vocab_size - 10, (bs, input_len)).tolist()
+    chunks = [SeqChunk(prompts[s], 0, pages[s]) for s in range(bs)]
+    rows = [GREEDY] * bs
+
+    prefill_s = []
+    for _ in range(3):  # the first compiles
+        t0 = time.perf_counter()
+        result = runner.run(chunks, rows, decode=False)
+        prefill_s.append(time.perf_counter() - t0)
+    prefill = statistics.median(prefill_s[1:])
+
+    tokens = result.tokens
+    step_s = []
+    for i in range(output_len):
+        decode = [SeqChunk([int(tokens[s])], input_len + i, pages[s]) for s in range(bs)]
+        t0 = time.perf_counter()
+        tokens = runner.run(decode, rows, decode=True).tokens
+        step_s.append(time.perf_counter() - t0)
+    step = statistics.median(step_s[1:] or step_s)
+    ctx = input_len + output_len // 2
+    # The same step prepared once and launched back to back: the device's share alone.
+    mid = [SeqChunk([int(tokens[s])], ctx, pages[s]) for s in range(bs)]
+    prepared = runner.prepare(mid, rows, True)
+    device = time_call(lambda: runner.launch(prepared).out.tokens, repeats=3, calls=10)
+
+    pb, pf = cost.prefill(bs, input_len)
+    db, df = cost.decode(bs, ctx)
+    return dict(
+        batch_size=bs,
+        input_len=input_len,
+        output_len=output_len,
+        prefill_ms=prefill * 1e3,
+        prefill_tok_s=bs * input_len / prefill,
+        prefill_floor_ms=ceil.floor(pb, pf) * 1e3,
+        prefill_x_floor=prefill / ceil.floor(pb, pf),
+        prefill_bound=ceil.bound(pb, pf),
+        decode_step_ms=step * 1e3,
+        decode_tok_s=bs / step,
+        decode_floor_ms=ceil.floor(db, df) * 1e3,
+        decode_x_floor=step / ceil.floor(db, df),
+        decode_bound=ceil.bound(db, df),
+        decode_device_ms=device * 1e3,
+        host_ms=(step - device) * 1e3,
+    )
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="jaxsgl.bench_one_batch", description=__doc__.split("\n")[0])
+    p.add_argument("--model-path", default="llama-3-8b", help="preset name or model path")
+    p.add_argument("--load-format", default="dummy")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=1)
+    p.add_argument("--batch-size", type=int, nargs="+", default=[1])
+    p.add_argument("--input-len", type=int, nargs="+", default=[1024])
+    p.add_argument("--output-len", type=int, nargs="+", default=[16])
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--attention-backend", default=None, choices=["native", "pallas"])
+    p.add_argument(
+        "--layers",
+        choices=["scan", "unrolled"],
+        default=None,
+        help="run the layers under lax.scan (the engine's default) or unrolled",
+    )
+    p.add_argument("--result-file", default=None, help="append one JSON line per case")
+    args = p.parse_args(argv)
+
+    ceil = measure_ceilings()
+    mesh = make_mesh(args.tp_size)
+    loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, mesh=mesh)
+    cases = list(itertools.product(args.batch_size, args.input_len, args.output_len))
+    G = args.page_size
+    num_pages = 1 + max(bs * -(-(i + o) // G) for bs, i, o in cases)
+    runner = ModelRunner(
+        loaded,
+        num_pages,
+        G,
+        loaded.config.vocab_size,
+        attention_backend=args.attention_backend,
+        unroll_layers=None if args.layers is None else args.layers == "unrolled",
+    )
+    cost = ModelCost.of(loaded.config, runner)
+    rng = np.random.default_rng(0)
+    results = []
+    # Weights and KV split over the mesh: its devices' bandwidth and FLOPs add up.
+    mesh_ceil = ceil.times(mesh.devices.size)
+    for bs, i, o in tqdm(cases, desc="bench_one_batch"):
+        r = bench_case(runner, cost, mesh_ceil, bs, i, o, rng)
+        r.update(
+            model=args.model_path,
+            tp_size=args.tp_size,
+            attention_backend=loaded.model.attention.name,
+            unroll_layers=loaded.model.unroll_layers,
+            device=ceil.device,
+            copy_tb_s=ceil.copy_bytes_per_s / 1e12,
+            matmul_tflop_s=ceil.matmul_flops_per_s / 1e12,
+        )
+        results.append(r)
+        tqdm.write(
+            f"bs {bs} in {i} out {o}: prefill {r['prefill_ms']:.2f} ms "
+            f"({r['prefill_x_floor']:.2f}x floor), decode step {r['decode_step_ms']:.2f} ms "
+            f"({r['decode_x_floor']:.2f}x floor, host {r['host_ms']:.2f} ms)"
+        )
+        if args.result_file:
+            with open(args.result_file, "a") as f:
+                f.write(json.dumps(r) + "\n")
+    print(
+        f"{ceil.device}, copy {ceil.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul "
+        f"{ceil.matmul_flops_per_s / 1e12:.0f} TFLOP/s, {args.model_path} tp {args.tp_size}, "
+        f"attention {loaded.model.attention.name}, "
+        f"layers {'unrolled' if loaded.model.unroll_layers else 'scan'}"
+    )
+    print(
+        f"{'bs':>4} {'in':>5} {'out':>4} | {'prefill ms':>10} {'tok/s':>9} {'x floor':>7} | "
+        f"{'step ms':>8} {'tok/s':>8} {'x floor':>7} {'host ms':>7}"
+    )
+    for r in results:
+        print(
+            f"{r['batch_size']:4d} {r['input_len']:5d} {r['output_len']:4d} | "
+            f"{r['prefill_ms']:10.2f} {r['prefill_tok_s']:9.0f} {r['prefill_x_floor']:7.2f} | "
+            f"{r['decode_step_ms']:8.2f} {r['decode_tok_s']:8.0f} {r['decode_x_floor']:7.2f} "
+            f"{r['host_ms']:7.2f}"
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()

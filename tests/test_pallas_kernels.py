@@ -1,0 +1,135 @@
+"""Both attention kernels in interpret mode against their float32 references, on fresh random
+data for every case: page sizes 1, 16 and 64, GQA ratios 1, 4 and 8, ragged lengths that are
+not page multiples, empty prefixes and padding sequences, float32 and bfloat16."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.paged_decode import (
+    paged_decode_attention,
+    paged_decode_attention_reference,
+)
+from pallas_kernels.ragged_extend import (
+    ragged_extend_attention,
+    ragged_extend_attention_reference,
+)
+
+H = 32
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
+CASES = [(G, ratio, dtype) for G in (1, 16, 64) for ratio in (1, 4, 8) for dtype in TOLERANCE]
+
+
+def _relative_error(out, ref) -> float:
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    assert np.isfinite(out).all()
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def _pool(rng, num_slots: int, kv_heads: int, dtype, layers: int = 2):
+    shape = (layers, kv_heads, num_slots, H)
+    k = jnp.asarray(rng.standard_normal(shape), dtype)
+    v = jnp.asarray(rng.standard_normal(shape), dtype)
+    return k, v
+
+
+def _page_tables(rng, seq_lens, page_size: int, num_pages: int):
+    """Distinct random pages (never the scratch page 0) for each sequence, padded with 0."""
+    P = max(1, max(-(-n // page_size) for n in seq_lens))
+    free = rng.permutation(np.arange(1, num_pages))
+    table = np.zeros((len(seq_lens), P), np.int32)
+    used = 0
+    for s, n in enumerate(seq_lens):
+        need = -(-n // page_size)
+        table[s, :need] = free[used : used + need]
+        used += need
+    return jnp.asarray(table)
+
+
+def _heads(ratio: int) -> tuple[int, int]:
+    kv_heads = 1 if ratio == 8 else 2
+    return kv_heads * ratio, kv_heads
+
+
+@pytest.mark.parametrize(("page_size", "ratio", "dtype"), CASES)
+def test_decode_matches_reference(page_size, ratio, dtype):
+    rng = np.random.default_rng()
+    N, K = _heads(ratio)
+    seq_lens = [int(rng.integers(1, 200)), 1, 0, int(rng.integers(64, 300))]  # 0: padding
+    num_pages = 2 + sum(-(-n // page_size) for n in seq_lens)
+    k, v = _pool(rng, num_pages * page_size, K, dtype)
+    table = _page_tables(rng, seq_lens, page_size, num_pages)
+    q = jnp.asarray(rng.standard_normal((len(seq_lens), N, H)), dtype)
+    args = (q, k, v, 1, table, jnp.asarray(seq_lens, jnp.int32))
+    ref = paged_decode_attention_reference(*args, page_size=page_size, scale=H**-0.5)
+    for splits in (1, 3):
+        out = paged_decode_attention(
+            *args, page_size=page_size, scale=H**-0.5, num_splits=splits, interpret=True
+        )
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert _relative_error(out, ref) < TOLERANCE[dtype], (splits, _relative_error(out, ref))
+        assert not np.asarray(out[2], np.float32).any()  # the padding sequence
+
+
+@pytest.mark.parametrize(("page_size", "ratio", "dtype"), CASES)
+def test_extend_matches_reference(page_size, ratio, dtype):
+    rng = np.random.default_rng()
+    N, K = _heads(ratio)
+    # A plain prefill (empty prefix), a radix hit (long prefix, short run), a later chunk, a
+    # decode-like single token; no length a page multiple by design.
+    q_lens = np.array([int(rng.integers(20, 40)), 3, int(rng.integers(17, 33)), 1])
+    prefix = np.array([0, int(rng.integers(70, 150)), int(rng.integers(1, 60)), 45])
+    seq_lens = q_lens + prefix
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    T = int(q_lens.sum()) + 5  # five padding rows at the end
+    num_pages = 2 + sum(-(-n // page_size) for n in seq_lens)
+    k, v = _pool(rng, num_pages * page_size, K, dtype)
+    table = _page_tables(rng, seq_lens.tolist(), page_size, num_pages)
+    q = jnp.asarray(rng.standard_normal((T, N, H)), dtype)
+    args = (q, k, v, 1, *(jnp.asarray(a, jnp.int32) for a in (q_start, q_lens, seq_lens)), table)
+    ref = ragged_extend_attention_reference(*args, page_size=page_size, scale=H**-0.5)
+    out = ragged_extend_attention(
+        *args,
+        max_q_len=64,
+        page_size=page_size,
+        scale=H**-0.5,
+        block_q=16,
+        block_k=32,
+        interpret=True,
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert _relative_error(out, ref) < TOLERANCE[dtype]
+    assert not np.asarray(out[T - 5 :], np.float32).any()  # padding rows stay zero
+
+
+def test_decode_rejects_bad_shapes():
+    q = jnp.zeros((2, 4, H))
+    k = jnp.zeros((1, 2, 64, H))
+    table, lens = jnp.zeros((2, 4), jnp.int32), jnp.ones(2, jnp.int32)
+    kw = dict(page_size=16, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="kv heads"):
+        paged_decode_attention(jnp.zeros((2, 3, H)), k, k, 0, table, lens, **kw)
+    with pytest.raises(ValueError, match="head dim"):
+        paged_decode_attention(jnp.zeros((2, 4, 16)), k, k, 0, table, lens, **kw)
+    with pytest.raises(ValueError, match="page_table"):
+        paged_decode_attention(q, k, k, 0, table[:1], lens, **kw)
+    with pytest.raises(ValueError, match="whole pages"):
+        paged_decode_attention(q, k, k, 0, table, lens, page_size=48, scale=1.0)
+    with pytest.raises(ValueError, match=r"\[L, K, slots, H\]"):
+        paged_decode_attention(q, k[0], k[0], 0, table, lens, **kw)
+
+
+def test_extend_rejects_bad_shapes():
+    q = jnp.zeros((8, 4, H))
+    k = jnp.zeros((1, 2, 64, H))
+    ones = jnp.ones(2, jnp.int32)
+    table = jnp.zeros((2, 4), jnp.int32)
+    kw = dict(max_q_len=8, page_size=16, scale=1.0, interpret=True)
+    with pytest.raises(ValueError, match="block_q"):
+        ragged_extend_attention(q, k, k, 0, ones, ones, ones, table, block_q=24, **kw)
+    with pytest.raises(ValueError, match=r"\[S\]"):
+        ragged_extend_attention(q, k, k, 0, ones, ones[:1], ones, table, **kw)
+    with pytest.raises(ValueError, match="kv heads"):
+        ragged_extend_attention(jnp.zeros((8, 3, H)), k, k, 0, ones, ones, ones, table, **kw)
