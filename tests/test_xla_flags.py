@@ -1,0 +1,27 @@
+"""jaxsgl's default XLA flags are added once and never override the user's."""
+
+import os
+
+from jaxsgl import xla_flags
+
+
+def test_defaults_added_to_empty_flags():
+    env = {}
+    xla_flags.apply_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+    xla_flags.apply_defaults(env)
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm=false"
+
+
+def test_user_flags_kept_and_win():
+    given = "--xla_force_host_platform_device_count=8 --xla_gpu_enable_triton_gemm=true"
+    env = {"XLA_FLAGS": given}
+    xla_flags.apply_defaults(env)
+    assert env["XLA_FLAGS"].split() == [
+        "--xla_force_host_platform_device_count=8",
+        "--xla_gpu_enable_triton_gemm=true",
+    ]
+
+
+def test_importing_jaxsgl_set_the_process_flags():
+    assert "--xla_gpu_enable_triton_gemm" in os.environ["XLA_FLAGS"]
