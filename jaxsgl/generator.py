@@ -19,7 +19,7 @@ from typing import Any
 from jaxsgl.engine.engine import Engine
 from jaxsgl.engine.options import EngineOptions
 from jaxsgl.engine.request import Request
-from jaxsgl.sampling_params import SamplingParams
+from jaxsgl.sampling_params import SamplingParams, grammar_of
 from jaxsgl.tokenizer import check_token_ids
 
 Prompt = str | list[str] | None
@@ -79,6 +79,7 @@ class Generator:
                         rid=base if sp.n == 1 else f"{base}-{j}",
                         prompt_ids=ids,
                         params=sp,
+                        grammar=self._grammar(sp),
                         namespace=namespace,
                         return_logprob=return_logprob,
                         logprob_start_len=logprob_start_len,
@@ -86,6 +87,12 @@ class Generator:
                     )
                 )
         return reqs, batched or any(r.params.n > 1 for r in reqs)
+
+    def _grammar(self, params: SamplingParams):
+        """A fresh grammar state for `params` (compiled here, in the caller's thread), or
+        None. ValueError for an invalid regex, schema or grammar."""
+        spec = grammar_of(params)
+        return None if spec is None else self.engine.grammars().compile(*spec)
 
     def _prompt_ids(self, prompt: Prompt, input_ids: Ids) -> tuple[list[list[int]], bool]:
         if (prompt is None) == (input_ids is None):

@@ -64,7 +64,11 @@ class SamplingInputs:
     bias_values: jax.Array  # [S, B] f32 (padding: 0)
     suppress_ids: jax.Array  # [S, E] i32, tokens forbidden this step
     suppress_mask: jax.Array  # [S, E] bool (padding: False)
+    # Grammar masks: bit v of word v // 32 set where token v may come next; [S, 1] and unused
+    # unless `constrained` (rows without a grammar allow everything).
+    allowed_words: jax.Array  # [S, ceil(V / 32)] uint32
     mode: str = dataclasses.field(metadata=dict(static=True))  # one of MODES
+    constrained: bool = dataclasses.field(default=False, metadata=dict(static=True))
     # k: the most any row asks for, bucketed by the caller; 0 = none.
     top_logprobs_num: int = dataclasses.field(default=0, metadata=dict(static=True))
 
@@ -117,7 +121,20 @@ def adjust_logits(logits: jax.Array, inputs: SamplingInputs) -> jax.Array:
     # Bias padding adds 0.0 to token 0: a no-op, so no mask is needed.
     logits = logits.at[rows, inputs.bias_ids].add(inputs.bias_values, mode="drop")
     ids = jnp.where(inputs.suppress_mask, inputs.suppress_ids, V)  # [S, E]
-    return logits.at[rows, ids].set(-jnp.inf, mode="drop")
+    logits = logits.at[rows, ids].set(-jnp.inf, mode="drop")
+    if inputs.constrained:
+        logits = jnp.where(grammar_allows(inputs.allowed_words, V), logits, -jnp.inf)
+    return logits
+
+
+def grammar_allows(words: jax.Array, V: int) -> jax.Array:
+    """`[S, V]` bool from a bitmask `[S, W]`: token v is bit v % 32 of word v // 32.
+
+    V = 40, token 33 allowed: word 1 has bit 1 set (words[:, 1] & 2 != 0).
+    """
+    v = jnp.arange(V)
+    bits = words[:, v // 32] >> (v % 32).astype(jnp.uint32)  # [S, V]
+    return (bits & 1).astype(jnp.bool_)
 
 
 def sort_descending(logits: jax.Array) -> jax.Array:
@@ -238,6 +255,7 @@ class RowState:
     num_output_tokens: int = 0  # the PRNG step and the min_new_tokens clock
     output_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)  # id -> count
     prompt_ids: Sequence[int] = ()  # read only when repetition_penalty != 1
+    allowed_words: np.ndarray | None = None  # [ceil(V / 32)] grammar bitmask, None: no grammar
 
 
 def pad_width(n: int, minimum: int) -> int:
@@ -283,6 +301,13 @@ def build_sampling_inputs(
     seen_ids, seen_mask = _pack(seen, min_width, np.bool_)
     bias_ids, bias_values = _pack(bias, min_width, np.float32)
     suppress_ids, suppress_mask = _pack(suppress, min_width, np.bool_)
+    constrained = any(row.allowed_words is not None for row in rows)
+    allowed_words = np.zeros((num_rows, 1), np.uint32)
+    if constrained:
+        allowed_words = np.full((num_rows, -(-V // 32)), 0xFFFFFFFF, np.uint32)
+        for i, row in enumerate(rows):
+            if row.allowed_words is not None:
+                allowed_words[i] = row.allowed_words.view(np.uint32)
     inputs = SamplingInputs(
         temperature=temperature,
         top_k=top_k,
@@ -301,7 +326,9 @@ def build_sampling_inputs(
         bias_values=bias_values,
         suppress_ids=suppress_ids,
         suppress_mask=suppress_mask,
+        allowed_words=allowed_words,
         mode=mode,
+        constrained=constrained,
         top_logprobs_num=top_logprobs_num,
     )
     return jax.device_put(inputs)  # one transfer for every leaf

@@ -136,6 +136,15 @@ class SamplingParams:
             raise ValueError(f"only one of regex, json_schema, ebnf may be set, got {grammars}")
 
 
+def grammar_of(params: SamplingParams) -> tuple[str, str] | None:
+    """(kind, text) of the params' grammar, or None for free output."""
+    for name in _GRAMMAR_FIELDS:
+        value = getattr(params, name)
+        if value is not None:
+            return name, value
+    return None
+
+
 def _check_int(name: str, value: Any) -> None:
     # bool is a subclass of int; `"n": true` is a client bug, not n=1.
     if not isinstance(value, int) or isinstance(value, bool):

@@ -59,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a("--random-seed", type=int, default=d.random_seed)
     a(
+        "--disable-jump-forward",
+        action="store_true",
+        help="sample every token of constrained output, even where the grammar forces it",
+    )
+    a(
         "--disable-overlap-schedule",
         action="store_true",
         help="wait for each decode step before preparing the next",
@@ -124,6 +129,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         page_size=args.page_size,
         attention_backend=args.attention_backend,
         disable_overlap_schedule=args.disable_overlap_schedule,
+        disable_jump_forward=args.disable_jump_forward,
         random_seed=args.random_seed,
         served_model_name=args.served_model_name,
         chat_template=template,

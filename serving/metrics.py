@@ -26,6 +26,10 @@ _GAUGES = {  # engine snapshot key -> (metric name, help)
     "num_used_tokens": ("sglang:num_used_tokens", "KV slots held by running requests"),
     "token_usage": ("sglang:token_usage", "Share of the KV pool held by running requests"),
     "cache_hit_rate": ("sglang:cache_hit_rate", "Prompt tokens served from the prefix cache"),
+    "num_grammar_waiting_reqs": (
+        "sglang:num_grammar_queue_reqs",
+        "Requests waiting for their grammar to compile",
+    ),
 }
 _TOTALS = {
     "prompt_tokens_total": ("sglang:prompt_tokens", "Prompt tokens of finished requests"),
@@ -34,6 +38,16 @@ _TOTALS = {
     "num_requests_total": ("sglang:num_requests", "Finished requests"),
     "num_aborted_total": ("sglang:num_aborted_requests", "Aborted requests"),
     "num_retractions_total": ("sglang:num_retractions", "Requests retracted for memory"),
+    "grammar_compiled_total": ("sglang:grammar_compiled", "Grammars compiled"),
+    "grammar_cache_hits_total": ("sglang:grammar_cache_hits", "Grammars served from the cache"),
+    "grammar_compile_seconds_total": (
+        "sglang:grammar_compile_seconds",
+        "Seconds spent compiling grammars",
+    ),
+    "jump_forward_tokens_total": (
+        "sglang:jump_forward_tokens",
+        "Output tokens a grammar forced, appended without sampling",
+    ),
 }
 
 

@@ -47,18 +47,16 @@ async def generate(request: web.Request) -> web.StreamResponse:
     rids = rid if isinstance(rid, list) else [rid]
     if rid is not None and not all(isinstance(r, str) for r in rids):
         raise HTTPError(400, "rid must be a string or a list of strings")
-    state.admit(params)
-    reqs, batched = state.generator.make_requests(
+    reqs, batched = await state.make_requests(
         body.get("text"),
-        params,
         body.get("input_ids"),
-        return_logprob=return_logprob,
+        params,
+        return_logprob,
+        flags.get("top_logprobs_num", 0),
         namespace=namespace,
         rid=rid,
         logprob_start_len=flags.get("logprob_start_len", -1),
-        top_logprobs_num=flags.get("top_logprobs_num", 0),
     )
-    state.check_context(reqs)
     if stream:
         return await _stream(request, state, reqs)
     text = {r.rid: "" for r in reqs}
@@ -107,7 +105,7 @@ async def health(request: web.Request) -> web.Response:
 async def health_generate(request: web.Request) -> web.Response:
     """A real one-token generation through the engine."""
     state: ServerState = request.app["state"]
-    reqs = state.make_requests(
+    reqs, _ = await state.make_requests(
         None,
         [state.generator.engine.loaded.config.bos_token_id or 0],
         {"max_new_tokens": 1, "temperature": 0},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from serving.errors import HTTPError
@@ -46,9 +47,8 @@ def sampling_params(
     elif isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise HTTPError(400, f"{max_tokens_keys[0]} must be a positive integer, got {max_tokens!r}")
     params["max_new_tokens"] = max_tokens
-    for key in ("regex", "json_schema", "ebnf"):
-        if key in params:
-            raise HTTPError(400, f"{key}: constrained decoding is not available on this server yet")
+    if isinstance(params.get("json_schema"), dict):  # SGLang takes the schema as a string
+        params["json_schema"] = json.dumps(params["json_schema"])
     return params
 
 
@@ -119,18 +119,24 @@ def _text(content: Any, i: int) -> str:
     raise HTTPError(400, f"messages[{i}].content must be a string or a list of text parts")
 
 
-def response_format(body: dict[str, Any]) -> None:
+def response_format(body: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The sampling params that OpenAI's `response_format` asks for: a JSON schema
+    (`json_object`: any JSON object), or nothing for `text`."""
     fmt = body.get("response_format")
     if fmt is None:
-        return
+        return {}
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema"):
         raise HTTPError(400, "response_format.type must be text, json_object or json_schema")
-    if fmt["type"] != "text":
-        raise HTTPError(
-            400,
-            f"response_format {fmt['type']}: constrained decoding is not "
-            "available on this server yet",
-        )
+    if fmt["type"] == "text":
+        return {}
+    if any(params.get(k) is not None for k in ("regex", "json_schema", "ebnf")):
+        raise HTTPError(400, "response_format cannot be combined with regex, json_schema or ebnf")
+    if fmt["type"] == "json_object":
+        return {"json_schema": json.dumps({"type": "object"})}
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict | bool):
+        raise HTTPError(400, "response_format.json_schema.schema must be a JSON schema object")
+    return {"json_schema": json.dumps(spec["schema"])}
 
 
 def logprob_options(body: dict[str, Any], chat: bool) -> tuple[bool, int]:

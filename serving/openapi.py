@@ -32,6 +32,9 @@ _SAMPLING = {
     "ignore_eos": _bool,
     "stream": _bool,
     "stream_options": {"type": "object", "properties": {"include_usage": _bool}},
+    "regex": _str,
+    "json_schema": {"oneOf": [_str, {"type": "object"}]},
+    "ebnf": _str,
 }
 
 _COMPLETION = {
@@ -67,7 +70,17 @@ _CHAT = {
         "max_completion_tokens": {"type": "integer", "minimum": 1},
         "logprobs": _bool,
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20},
-        "response_format": {"type": "object", "properties": {"type": {"enum": ["text"]}}},
+        "response_format": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {
+                "type": {"enum": ["text", "json_object", "json_schema"]},
+                "json_schema": {
+                    "type": "object",
+                    "properties": {"name": _str, "schema": {"type": "object"}, "strict": _bool},
+                },
+            },
+        },
         **_SAMPLING,
     },
 }
@@ -86,6 +99,9 @@ _NATIVE_SAMPLING = {
         "ignore_eos": _bool,
         "n": _SAMPLING["n"],
         "sampling_seed": _int,
+        "regex": _str,
+        "json_schema": _str,
+        "ebnf": _str,
     },
     "additionalProperties": False,
 }

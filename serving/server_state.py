@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import time
@@ -25,17 +26,33 @@ class ServerState:
         self.metrics = metrics
         self.started = time.time()
         self.draining = False
+        self.grammars_waiting = 0  # requests being validated (grammars compiled) off the loop
 
-    def make_requests(
-        self, texts: Any, ids: Any, params: dict, logprobs: bool, top: int, **kwargs: Any
-    ) -> list[Request]:
-        """Validated requests; a prompt plus max_new_tokens must fit the context."""
+    async def make_requests(
+        self, texts: Any, ids: Any, params: Any, logprobs: bool, top: int, **kwargs: Any
+    ) -> tuple[list[Request], bool]:
+        """Validated requests (and whether a batch was asked for); a prompt plus
+        max_new_tokens must fit the context. Runs in a worker thread: compiling a grammar
+        may take a while, and the event loop serves everyone else meanwhile."""
         self.admit(params)
-        reqs, _ = self.generator.make_requests(
-            texts, params, ids, return_logprob=logprobs, top_logprobs_num=top, **kwargs
-        )
+        self.grammars_waiting += 1
+        try:
+            reqs, batched = await asyncio.get_running_loop().run_in_executor(
+                None,
+                functools.partial(
+                    self.generator.make_requests,
+                    texts,
+                    params,
+                    ids,
+                    return_logprob=logprobs,
+                    top_logprobs_num=top,
+                    **kwargs,
+                ),
+            )
+        finally:
+            self.grammars_waiting -= 1
         self.check_context(reqs)
-        return reqs
+        return reqs, batched
 
     def admit(self, params: Any) -> None:
         """Refuse work while draining; bound `n` before the `n` copies of a request are made

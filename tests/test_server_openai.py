@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import openai
@@ -23,7 +24,17 @@ pytestmark = pytest.mark.slow
 GREEDY_CHAT = [{"role": "user", "content": "Write a short poem about the sea."}]
 PROMPT = "The three primary colors are"
 PENALIZED = {"top_k": 1, "min_p": 0.05, "repetition_penalty": 1.3, "ignore_eos": True}
-NOT_AVAILABLE = "constrained decoding is not available"
+YES_NO = r"(yes|no), because [a-z ]{3,40}\."
+ANSWER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "string", "maxLength": 30},
+        "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    },
+    "required": ["answer", "confidence"],
+    "additionalProperties": False,
+}
+QUESTION = [{"role": "user", "content": "Is the sea salty? Answer with a reason."}]
 CAT = [{"role": "user", "content": "Invent a name for a cat."}]
 
 
@@ -102,18 +113,32 @@ async def _feature_calls(client: openai.OpenAI, url: str, model: str) -> dict:
             temperature=0.8,
             extra_body=PENALIZED,
         ),
-        "regex": achat(model=model, messages=GREEDY_CHAT, extra_body={"regex": "[ab]+"}),
+        "regex": achat(model=model, messages=QUESTION, max_tokens=40, extra_body={"regex": YES_NO}),
         "json_schema": achat(
-            model=model, messages=GREEDY_CHAT, extra_body={"json_schema": '{"type": "object"}'}
+            model=model,
+            messages=QUESTION,
+            max_tokens=60,
+            temperature=1.0,
+            extra_body={"json_schema": json.dumps(ANSWER_SCHEMA)},
         ),
         "response_format": achat(
             model=model,
-            messages=GREEDY_CHAT,
+            messages=QUESTION,
+            max_tokens=60,
             response_format={
                 "type": "json_schema",
-                "json_schema": {"name": "x", "schema": {"type": "object"}},
+                "json_schema": {"name": "answer", "schema": ANSWER_SCHEMA, "strict": True},
             },
         ),
+        "bad_schema": achat(
+            model=model,
+            messages=QUESTION,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "nonsense"}},
+            },
+        ),
+        "bad_regex": achat(model=model, messages=QUESTION, extra_body={"regex": "(unclosed"}),
     }
     for i in range(2):  # the same seed twice, at temperature 1, in the same batch
         calls[f"seed{i}"] = achat(
@@ -233,11 +258,30 @@ def test_sglang_sampling_extras_reach_the_sampler(openai_results, reference):
     assert plain["output_ids"] != expected["output_ids"], "the penalty changed nothing"
 
 
-@pytest.mark.parametrize("name", ["regex", "json_schema", "response_format"])
-def test_constrained_decoding_is_refused(openai_results, name):
+def test_constrained_outputs_follow_their_grammar(openai_results, server):
+    """Run in one batch with every unconstrained call above: both kinds are served at once."""
+    import jsonschema
+
+    metrics = scrape(server)
+    # The regex and the schema compiled once each; the second use of the schema hit the cache.
+    assert value(metrics, "sglang:grammar_compiled_total") >= 2
+    assert value(metrics, "sglang:grammar_cache_hits_total") >= 1
+    assert value(metrics, "sglang:grammar_compile_seconds_total") > 0
+    assert value(metrics, "sglang:num_grammar_queue_reqs") == 0
+
+    regex = ok(openai_results, "regex").choices[0]
+    assert regex.finish_reason == "stop" and re.fullmatch(YES_NO, regex.message.content)
+    for name in ("json_schema", "response_format"):
+        choice = ok(openai_results, name).choices[0]
+        assert choice.finish_reason == "stop", (name, choice.message.content)
+        jsonschema.validate(json.loads(choice.message.content), ANSWER_SCHEMA)
+
+
+@pytest.mark.parametrize(("name", "problem"), [("bad_schema", "nonsense"), ("bad_regex", "regex")])
+def test_invalid_grammars_are_400(openai_results, name, problem):
     err = openai_results[name]
     assert isinstance(err, openai.BadRequestError), err
-    assert err.status_code == 400 and NOT_AVAILABLE in err.message
+    assert err.status_code == 400 and problem in err.message
     assert err.body["type"] == "invalid_request_error"
 
 

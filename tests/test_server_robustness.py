@@ -272,7 +272,8 @@ def test_fuzzed_requests_never_get_a_5xx(server):
     assert not problems, "\n".join([f"{len(problems)} bad answers:", *problems, server.output()])
     statuses = [status for _, status, _, _ in responses]
     assert len(responses) >= 500
-    assert statuses.count(200) >= 100 and statuses.count(400) >= 100  # both sides explored
+    # Both sides explored (random regex / schema / ebnf strings are mostly refused).
+    assert statuses.count(200) >= 60 and statuses.count(400) >= 100
     edge = zip(_EDGE_CASES, statuses[-len(_EDGE_CASES) :], strict=True)
     assert not [(case, s) for case, s in edge if not 400 <= s < 500], "edge cases not refused"
     server.wait_idle()

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxsgl.constrained.grammar import GrammarBackend
 from jaxsgl.engine.model_runner import (
     ModelRunner,
     PendingStep,
@@ -58,6 +59,7 @@ class EngineStats:
         self.num_extend_steps = 0
         self.num_decode_steps = 0
         self.num_lookahead_steps = 0  # decode steps launched before the previous one ended
+        self.jump_forward_tokens = 0  # output tokens a grammar forced, appended unsampled
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
         self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
@@ -117,6 +119,8 @@ class Engine:
         self._requests: dict[str, Request] = {}
         self._thread: threading.Thread | None = None
         self._inflight: tuple[ScheduledBatch, PendingStep] | None = None  # launched, uncollected
+        self._grammars: GrammarBackend | None = None
+        self._grammars_lock = threading.Lock()
         self._stop = threading.Event()
         self._seeds = random.Random(options.random_seed)  # for requests without a seed
         self._last_log = time.perf_counter()
@@ -224,7 +228,7 @@ class Engine:
         # whose sampled tokens it reads row for row. After a request leaves, one step waits.
         overlap = not self.options.disable_overlap_schedule
         unchanged = len(_live(batch)) == len(batch.reqs)
-        if overlap and unchanged and not any(map(_penalized, batch.reqs)):
+        if overlap and unchanged and not any(map(_needs_recorded_state, batch.reqs)):
             nxt = self.scheduler.lookahead(batch)
             if nxt is not None:
                 step = self._prepare(nxt, lookahead=True)
@@ -296,8 +300,20 @@ class Engine:
                 len(sched.waiting),
             )
 
+    def grammars(self) -> GrammarBackend:
+        """The grammar compiler for this model's tokenizer (built on first use, any thread)."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                if self.tokenizer is None:
+                    raise ValueError("constrained decoding needs the model's tokenizer")
+                vocab = self.loaded.config.vocab_size
+                self._grammars = GrammarBackend(self.tokenizer.hf, self.eos_ids, vocab)
+            return self._grammars
+
     def _row_state(self, req: Request, ahead: int = 0) -> RowState:
+        mask = req.grammar.allowed_mask() if req.grammar is not None else None
         return RowState(
+            allowed_words=mask,
             params=req.params,
             seed=req.seed,
             num_output_tokens=len(req.output_ids) + ahead,
@@ -353,13 +369,29 @@ class Engine:
             "num_aborted_total": st.num_aborted,
             "num_retractions_total": sched.num_retractions,
             "num_evicted_pages_total": kv.num_evicted_pages,
+            "jump_forward_tokens_total": st.jump_forward_tokens,
+            **self._grammar_metrics(),
+        }
+
+    def _grammar_metrics(self) -> dict[str, float]:
+        g = self._grammars
+        return {
+            "grammar_compiled_total": g.num_compiled if g else 0,
+            "grammar_cache_hits_total": g.num_cache_hits if g else 0,
+            "grammar_compile_seconds_total": sum(g.compile_seconds) if g else 0.0,
+            "num_grammar_waiting_reqs": g.num_compiling if g else 0,
         }
 
 
 def _penalized(req: Request) -> bool:
-    """Penalties read the request's token counts, which a lookahead step cannot know."""
     p = req.params
     return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1)
+
+
+def _needs_recorded_state(req: Request) -> bool:
+    """Penalties read the request's token counts and grammars its last token: neither is
+    known when a lookahead step is prepared."""
+    return _penalized(req) or req.grammar is not None
 
 
 def _live(batch: ScheduledBatch) -> list[int]:

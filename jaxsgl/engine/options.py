@@ -27,6 +27,7 @@ class EngineOptions:
     disable_radix_cache: bool = False
     page_size: int = 16
     attention_backend: str | None = None  # "native" or "pallas"; None: pallas on GPUs
+    disable_jump_forward: bool = False  # else forced grammar tokens are appended unsampled
     disable_overlap_schedule: bool = False  # else decode step N+1 launches before N ends
     random_seed: int = 0
     served_model_name: str | None = None

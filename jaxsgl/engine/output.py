@@ -72,6 +72,10 @@ class OutputState:
             self.text += self.detok.flush()
         self.req.finish_reason = reason
 
+    def grammar_complete(self) -> None:
+        """The grammar admits no further token: the output is whole."""
+        self._finish({"type": "stop", "matched": None})
+
     def abort(self, message: str) -> None:
         self.req.finish_reason = {"type": "abort", "message": message}
 

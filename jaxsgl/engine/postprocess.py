@@ -42,6 +42,8 @@ def record_step(engine: Engine, batch: ScheduledBatch, result: StepResult) -> No
         state = engine.outputs[id(req)]
         state.add_token(int(result.tokens[i]), engine.context_length, engine.eos_ids)
         engine.stats.generation_tokens += 1
+        if req.grammar is not None:
+            _advance_grammar(engine, req, int(result.tokens[i]))
         engine.stats.token_times.append(req.last_token_time)
         if len(req.output_ids) == 1:
             engine.stats.ttft.append(req.first_token_time - req.arrival_time)
@@ -52,6 +54,34 @@ def record_step(engine: Engine, batch: ScheduledBatch, result: StepResult) -> No
         for req in batch.reqs:
             if req.finish_reason is None:
                 engine.scheduler.kv.cache_computed(req)
+
+
+def _advance_grammar(engine: Engine, req: Request, token: int) -> None:
+    """Feed the grammar its new token; then append what it forces (jump-forward) and finish
+    the request where the grammar is complete.
+
+    Forced tokens join `output_ids` without being sampled (logprob 0: certain under the
+    grammar); the request then has more than one token to compute, so its next step is an
+    extend over its cached prefix rather than a decode.
+    """
+    if req.finish_reason is not None:  # eos, a stop or the length limit came first
+        return
+    grammar, state = req.grammar, engine.outputs[id(req)]
+    grammar.advance(token)
+    if not engine.options.disable_jump_forward and not grammar.done:
+        for forced in grammar.forced_tokens():
+            state.add_token(forced, engine.context_length, engine.eos_ids)
+            req.num_forced_tokens += 1
+            engine.stats.generation_tokens += 1
+            engine.stats.jump_forward_tokens += 1
+            if req.return_logprob:
+                top = [(0.0, forced)] if req.top_logprobs_num else None
+                req.output_logprobs.append((0.0, forced, top))
+            if req.finish_reason is not None:
+                return
+            grammar.advance(forced)
+    if grammar.done:
+        state.grammar_complete()
 
 
 def _record_prompt_logprobs(req: Request, start: int, n: int, result: StepResult, row: int):
@@ -90,6 +120,8 @@ def meta_info(engine: Engine, req: Request) -> dict[str, Any]:
         "e2e_latency": end - req.arrival_time,
         "ttft": None if req.first_token_time is None else req.first_token_time - req.arrival_time,
     }
+    if req.grammar is not None:
+        info["jump_forward_tokens"] = req.num_forced_tokens
     if req.return_logprob:
         info["input_token_logprobs"] = [[lp, t, None] for lp, t, _ in req.prompt_logprobs]
         info["output_token_logprobs"] = [[lp, t, None] for lp, t, _ in req.output_logprobs]

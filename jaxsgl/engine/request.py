@@ -37,6 +37,9 @@ class Request:
     top_logprobs_num: int = 0
     seed: int = 0  # the PRNG seed for this request (sampling_seed or drawn at arrival)
     on_event: Callable[[dict[str, Any]], None] | None = None
+    grammar: Any = None  # a constrained.Grammar when the output must follow one
+
+    num_forced_tokens: int = 0  # output tokens appended by jump-forward, not sampled
 
     output_ids: list[int] = dataclasses.field(default_factory=list)
     status: Status = Status.WAITING
