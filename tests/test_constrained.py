@@ -323,3 +323,24 @@ def test_choices_grammar_admits_exactly_the_choices(gen):
 def _allowed(grammar, token: int) -> bool:
     words = grammar.allowed_mask().view(np.uint32)
     return bool(words[token // 32] >> np.uint32(token % 32) & 1)
+
+
+def test_jump_forward_with_logprobs_stop_strings_and_streaming(gen):
+    prompt = _prompts(gen, "JSON schema", ["a city record"])[0]
+    params = {"json_schema": json.dumps(LONG_KEYS), "temperature": 0.0, "max_new_tokens": 160}
+    whole = gen.generate(input_ids=prompt, sampling_params=params, return_logprob=True)
+    meta = whole["meta_info"]
+    forced = meta["jump_forward_tokens"]
+    logprobs = meta["output_token_logprobs"]
+    assert [t for _, t, _ in logprobs] == whole["output_ids"]
+    # Forced tokens are marked: certain under the grammar, logprob exactly 0.
+    assert sum(lp == 0.0 for lp, _, _ in logprobs) >= forced > 10
+    # Streaming gives the same text, piece by piece.
+    chunks = list(gen.generate(input_ids=prompt, sampling_params=params, stream=True))
+    assert "".join(c["text"] for c in chunks) == whole["text"]
+    assert [t for c in chunks for t in c["token_ids"]] == whole["output_ids"]
+    # A stop string inside the forced text ends the output there.
+    stopped = gen.generate(input_ids=prompt, sampling_params={**params, "stop": ["country"]})
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "country"}
+    assert whole["text"].startswith(stopped["text"]) and "country" not in stopped["text"]
+    assert gen.check_integrity() == {"running": 0, "waiting": 0}
