@@ -6,3 +6,13 @@ from jaxsgl import xla_flags
 xla_flags.apply_defaults()
 
 __version__ = "0.1.0"
+__all__ = ["Generator"]
+
+
+def __getattr__(name: str):
+    # `from jaxsgl import Generator` without importing the engine (and jax) with the package.
+    if name == "Generator":
+        from jaxsgl.generator import Generator
+
+        return Generator
+    raise AttributeError(f"module 'jaxsgl' has no attribute {name!r}")

@@ -37,6 +37,27 @@ def dot_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.DEFAULT
 
 
+def scores(q: jax.Array, k: jax.Array, precision) -> jax.Array:
+    """`q [M, H]` · `k [BK, H]`ᵀ in float32: `[M, BK]`."""
+    dims = (((1,), (1,)), ((), ()))
+    return jax.lax.dot_general(q, k, dims, precision=precision, preferred_element_type=jnp.float32)
+
+
+def online_softmax(carry, s: jax.Array, v: jax.Array, precision, exp=jnp.exp):
+    """Fold one block of scores `s [M, BK]` and values `v [BK, H]` into the running
+    (max `[M]`, sum `[M]`, unnormalised output `[M, H]`) of a flash-attention loop. `exp` is
+    `jnp.exp2` where the scores are in base 2."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = exp(s - m_new[:, None])  # [M, BK]
+    rescale = exp(m - m_new)
+    dims = (((1,), (0,)), ((), ()))
+    pv = jax.lax.dot_general(
+        p.astype(v.dtype), v, dims, precision=precision, preferred_element_type=jnp.float32
+    )  # [M, H]
+    return m_new, l * rescale + p.sum(axis=1), acc * rescale[:, None] + pv
+
+
 def check_pool(k_pool: jax.Array, v_pool: jax.Array, page_size: int, head_dim: int) -> None:
     """The paged pool is `[L, K, slots, H]` for keys and values alike."""
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:

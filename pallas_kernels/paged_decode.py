@@ -29,8 +29,10 @@ from pallas_kernels.common import (
     check_pool,
     dot_precision,
     is_pow2,
+    online_softmax,
     pad_to,
     pow2_at_least,
+    scores,
 )
 
 
@@ -62,8 +64,7 @@ def _decode_kernel(
     num_blocks = cdiv(jnp.maximum(end - first, 0), pages_per_block)
     i = jnp.arange(BK)
 
-    def body(b, carry):
-        m, l, acc = carry  # [Rp], [Rp], [Rp, H]
+    def body(b, carry):  # carry: running max [Rp], sum [Rp], output [Rp, H]
         start = (first + b * pages_per_block) * G  # position of the block's first key
         pages = page_table_ref[start // G + i // G]  # [BK]
         slots = pages * G + i % G  # [BK]
@@ -72,21 +73,8 @@ def _decode_kernel(
         v = v_ref[layer, h, slots, :]  # [BK, H]
         # Masked keys may sit in stale or scratch slots: zero their values so 0 · v is 0.
         v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
-        scores = jax.lax.dot_general(
-            q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32
-        )  # [Rp, BK]
-        scores = jnp.where(visible[None, :], scores * scale, MASKED)
-        m_new = jnp.maximum(m, scores.max(axis=1))
-        p = jnp.exp(scores - m_new[:, None])  # [Rp, BK]
-        rescale = jnp.exp(m - m_new)
-        pv = jax.lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )  # [Rp, H]
-        return m_new, l * rescale + p.sum(axis=1), acc * rescale[:, None] + pv
+        s = jnp.where(visible[None, :], scores(q, k, precision) * scale, MASKED)  # [Rp, BK]
+        return online_softmax(carry, s, v, precision)
 
     init = (
         jnp.full((Rp,), MASKED, jnp.float32),

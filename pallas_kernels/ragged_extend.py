@@ -29,7 +29,16 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import LOG2_E, MASKED, cdiv, check_pool, dot_precision, is_pow2
+from pallas_kernels.common import (
+    LOG2_E,
+    MASKED,
+    cdiv,
+    check_pool,
+    dot_precision,
+    is_pow2,
+    online_softmax,
+    scores,
+)
 
 
 def _extend_kernel(
@@ -77,34 +86,17 @@ def _extend_kernel(
         q_pos = jnp.broadcast_to((prefix + local)[:, None], (block_q, heads)).reshape(-1)
         j = jnp.arange(block_k)
 
-        def body(b, carry, masked: bool):
-            m, l, acc = carry  # [BQ], [BQ], [BQ, H]
+        def body(b, carry, masked: bool):  # carry: running max [M], sum [M], output [M, H]
             key_pos = b * block_k + j  # [BK]
             slots = page_table_ref[key_pos // G] * G + key_pos % G  # [BK]
             k = k_ref[layer, kv_head, slots, :]  # [BK, H]
             v = v_ref[layer, kv_head, slots, :]
-            scores = jax.lax.dot_general(
-                q,
-                k,
-                (((1,), (1,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )  # [BQ, BK]
+            s = scores(q, k, precision)  # [M, BK]
             if masked:
                 # Keys past the context may be stale or scratch slots: zero them so 0 · v is 0.
                 v = jnp.where((key_pos < seq_len)[:, None], v, jnp.zeros_like(v))
-                scores = jnp.where(key_pos[None, :] <= q_pos[:, None], scores, MASKED)
-            m_new = jnp.maximum(m, scores.max(axis=1))
-            p = jnp.exp2(scores - m_new[:, None])
-            rescale = jnp.exp2(m - m_new)
-            pv = jax.lax.dot_general(
-                p.astype(v.dtype),
-                v,
-                (((1,), (0,)), ((), ())),
-                precision=precision,
-                preferred_element_type=jnp.float32,
-            )  # [BQ, H]
-            return m_new, l * rescale + p.sum(axis=1), acc * rescale[:, None] + pv
+                s = jnp.where(key_pos[None, :] <= q_pos[:, None], s, MASKED)
+            return online_softmax(carry, s, v, precision, exp=jnp.exp2)
 
         M = block_q * heads
         init = (

@@ -25,3 +25,10 @@ def test_user_flags_kept_and_win():
 
 def test_importing_jaxsgl_set_the_process_flags():
     assert "--xla_gpu_enable_triton_gemm" in os.environ["XLA_FLAGS"]
+
+
+def test_generator_is_importable_from_the_package():
+    from jaxsgl import Generator
+    from jaxsgl.generator import Generator as defined
+
+    assert Generator is defined
