@@ -38,6 +38,8 @@ def run(args, jump_forward: bool) -> dict:
 
     with Generator(
         args.model_path,
+        load_format=args.load_format,
+        tokenizer_path=args.tokenizer_path,
         dtype=args.dtype,
         disable_jump_forward=not jump_forward,
         max_running_requests=args.num_prompts,
@@ -71,6 +73,10 @@ def run(args, jump_forward: bool) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model-path", default=None)
+    p.add_argument("--load-format", default="auto")
+    p.add_argument(
+        "--tokenizer-path", default=None, help="for dummy weights: a tokenizer to use with them"
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--num-prompts", type=int, default=32)
     args = p.parse_args(argv)

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"HF folder, .gguf file or short name (default: the embedded {DEFAULT_MODEL})",
     )
+    a(
+        "--tokenizer-path",
+        default=None,
+        help="HF folder or .gguf whose tokenizer to use (default: the model's own)",
+    )
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=30000)
     a("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size)
@@ -112,6 +117,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         template = Path(template).read_text()
     return EngineOptions(
         model_path=args.model_path,
+        tokenizer_path=args.tokenizer_path,
         load_format=args.load_format,
         dtype=args.dtype,
         tp_size=args.tp_size,

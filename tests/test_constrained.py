@@ -344,3 +344,34 @@ def test_jump_forward_with_logprobs_stop_strings_and_streaming(gen):
     assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": "country"}
     assert whole["text"].startswith(stopped["text"]) and "country" not in stopped["text"]
     assert gen.check_integrity() == {"running": 0, "waiting": 0}
+
+
+def test_dummy_weights_take_a_tokenizer_for_constrained_output(tmp_path):
+    """Random Llama-shaped weights with SmolLM2's tokenizer: how GPU benchmarks time grammars."""
+    from tiny_models import make_tiny
+
+    from jaxsgl.model.loader import resolve_model_path
+
+    make_tiny("llama31_tied_gqa4", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vocab_size"] = 49152 + 64  # room beyond the tokenizer, never sampled under a mask
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with Generator(
+        str(tmp_path),
+        load_format="dummy",
+        tokenizer_path=str(resolve_model_path(None)),
+        warmup=False,
+        progress=False,
+    ) as g:
+        out = g.generate("Pick:", {"regex": "(alpha|beta)-[0-9]{2}", "temperature": 1.0})
+        assert re.fullmatch("(alpha|beta)-[0-9]{2}", out["text"])
+    config["vocab_size"] = 100
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="more than the model's vocabulary"):
+        Generator(
+            str(tmp_path),
+            load_format="dummy",
+            tokenizer_path=str(resolve_model_path(None)),
+            warmup=False,
+            progress=False,
+        )

@@ -90,7 +90,14 @@ class Engine:
         )
         cfg = self.loaded.config
         self.tokenizer = None
-        if options.load_format != "dummy":
+        if options.tokenizer_path is not None:
+            self.tokenizer = load_tokenizer(options.tokenizer_path)
+            if len(self.tokenizer.hf) > cfg.vocab_size:
+                raise ValueError(
+                    f"tokenizer {options.tokenizer_path!r} has {len(self.tokenizer.hf)} tokens, "
+                    f"more than the model's vocabulary of {cfg.vocab_size}"
+                )
+        elif options.load_format != "dummy":
             self.tokenizer = load_tokenizer(
                 self.loaded.path or resolve_model_path(options.model_path)
             )

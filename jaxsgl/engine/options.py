@@ -11,6 +11,7 @@ SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EngineOptions:
     model_path: str | None = None  # None: the embedded SmolLM2
+    tokenizer_path: str | None = None  # None: the model's own (dummy weights: none)
     load_format: str = "auto"
     dtype: str = "auto"
     tp_size: int = 1
