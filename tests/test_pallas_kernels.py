@@ -19,7 +19,13 @@ from pallas_kernels.ragged_extend import (
 
 H = 32
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}
-CASES = [(G, ratio, dtype) for G in (1, 16, 64) for ratio in (1, 4, 8) for dtype in TOLERANCE]
+# Every (page size, GQA ratio) pair once, the dtypes alternating so each page size and each
+# ratio meets both.
+CASES = [
+    (G, ratio, (jnp.float32, jnp.bfloat16)[(i + j) % 2])
+    for i, G in enumerate((1, 16, 64))
+    for j, ratio in enumerate((1, 4, 8))
+]
 
 
 def _relative_error(out, ref) -> float:
