@@ -132,6 +132,45 @@ def pack_chunks(chunks: Sequence[SeqChunk], page_size: int, shape: Shape) -> For
     The logits rows come in chunk order: for each chunk its last token, or all of its new
     tokens when `all_logits`. `logits_rows(chunks)` gives the same layout for reading back.
     """
+    if all(len(c.tokens) == 1 and not c.all_logits for c in chunks):
+        return _pack_single_tokens(chunks, page_size, shape)
+    return _pack_any(chunks, page_size, shape)
+
+
+def _pack_single_tokens(chunks: Sequence[SeqChunk], G: int, shape: Shape) -> ForwardBatch:
+    """`pack_chunks` for a decode step (one new token per chunk), with array operations in
+    place of a loop over chunks: the host builds one of these per step."""
+    n = len(chunks)
+    assert n <= min(shape.T, shape.S, shape.R) and shape.Q >= 1
+    prefix = np.fromiter((c.prefix_len for c in chunks), np.int32, n)  # [n]
+    seq_lens = prefix + 1
+    num_pages = -(-seq_lens // G)
+    assert num_pages.max() <= shape.P
+    page_table = np.full((shape.S, shape.P), SCRATCH_PAGE, np.int32)
+    for s, c in enumerate(chunks):
+        page_table[s, : num_pages[s]] = c.pages[: num_pages[s]]
+    rows = np.arange(n, dtype=np.int32)
+    pad = lambda values, size: np.concatenate(  # [size], zeros after the n chunks
+        [values, np.zeros(size - n, np.int32)]
+    ).astype(np.int32)
+    write_slots = np.arange(shape.T, dtype=np.int32) % G + SCRATCH_PAGE * G
+    write_slots[:n] = page_table[rows, prefix // G] * G + prefix % G
+    return ForwardBatch(
+        tokens=pad(np.fromiter((c.tokens[0] for c in chunks), np.int32, n), shape.T),
+        positions=pad(prefix, shape.T),
+        write_slots=write_slots,
+        token_seq=pad(rows, shape.T),
+        q_start=pad(rows, shape.S),
+        q_lens=pad(np.ones(n, np.int32), shape.S),
+        seq_lens=pad(seq_lens, shape.S),
+        page_table=page_table,
+        logits_indices=pad(rows, shape.R),
+        max_q_len=shape.Q,
+        page_size=G,
+    )
+
+
+def _pack_any(chunks: Sequence[SeqChunk], page_size: int, shape: Shape) -> ForwardBatch:
     T, S, Q, P, R = shape.T, shape.S, shape.Q, shape.P, shape.R
     tokens = np.zeros(T, np.int32)
     positions = np.zeros(T, np.int32)
