@@ -54,6 +54,21 @@ def _dense_reference(q, k, v, table, q_pos, seq):
     return jnp.einsum("TKRC,KCH->TKRH", jax.nn.softmax(s, axis=-1), vc).reshape(q.shape)
 
 
+def _measure(case, config, fn, args, ref, floor, rate: tuple[str, float], shape=None) -> dict:
+    """One row: time and error of `fn(*args)` (reshaped to `shape`) against `ref`, with the
+    floor's share and `rate = (name, units of work)` per second; or the error a compiler gave."""
+    try:
+        out = fn(*args)
+        err = _rel(out if shape is None else out.reshape(shape), ref)
+        t = time_call(fn, *args)
+    except Exception as e:  # a block shape or baseline the compiler refuses: note it, go on
+        return dict(case=case, config=config, error=str(e)[:200])
+    name, work = rate
+    return dict(
+        case=case, config=config, ms=t * 1e3, of_ceiling=floor / t, rel_err=err, **{name: work / t}
+    )
+
+
 def _rel(out, ref) -> float:
     out = out.astype(jnp.float32)
     return float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
@@ -65,6 +80,7 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
     q = jax.random.normal(jax.random.key(5), (S, N, H), jnp.bfloat16)
     lens = jnp.full((S,), ctx, jnp.int32)
     kv_bytes = 2 * S * ctx * K * H * 2
+    case = f"decode B{S} ctx{ctx}"
     floor = ceil.floor(kv_bytes, 4 * S * ctx * N * H)
     last = jnp.array([ctx - 1])
     one = lambda qs, s: _dense_reference(qs[None], k, v, table, last, s)[0]
@@ -85,23 +101,9 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
                 num_stages=stages,
             )
         )
-        try:
-            err = _rel(fn(q, k, v, 0, table, lens), ref)
-            t = time_call(fn, q, k, v, 0, table, lens)
-        except Exception as e:  # a block shape the compiler refuses: note it, go on
-            config = f"ppb{ppb} w{warps} s{stages} x{splits}"
-            rows.append(dict(case=f"decode B{S} ctx{ctx}", config=config, error=str(e)[:200]))
-            continue
-        rows.append(
-            dict(
-                case=f"decode B{S} ctx{ctx}",
-                config=f"ppb{ppb} w{warps} s{stages} x{splits}",
-                ms=t * 1e3,
-                tb_s=kv_bytes / t / 1e12,
-                of_ceiling=floor / t,
-                rel_err=err,
-            )
-        )
+        config = f"ppb{ppb} w{warps} s{stages} x{splits}"
+        args = (q, k, v, 0, table, lens)
+        rows.append(_measure(case, config, fn, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
     # Baseline: JAX's Pallas GPU paged attention (decode only) on the same pages.
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
@@ -111,18 +113,9 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
         functools.partial(jax_paged.paged_attention, pages_per_compute_block=8, k_splits=1)
     )
     qs = (q.astype(jnp.float32) * SCALE).astype(q.dtype)
-    t = time_call(base, qs, k_pages, v_pages, table, lens)
-    err = _rel(base(qs, k_pages, v_pages, table, lens), ref)
-    rows.append(
-        dict(
-            case=f"decode B{S} ctx{ctx}",
-            config="baseline jax paged_attention k_splits=1",
-            ms=t * 1e3,
-            tb_s=kv_bytes / t / 1e12,
-            of_ceiling=floor / t,
-            rel_err=err,
-        )
-    )
+    config = "baseline jax paged_attention k_splits=1"
+    args = (qs, k_pages, v_pages, table, lens)
+    rows.append(_measure(case, config, base, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
     return rows
 
 
@@ -137,6 +130,7 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
     seq_lens = jnp.full((S,), ctx, jnp.int32)
     # Causal: token i of the run sees prefix + i + 1 keys; 2 FLOPs a multiply-add, QKᵀ and PV.
     flops = S * N * H * 4 * (new * prefix + new * (new + 1) / 2)
+    case = f"extend {S}x{new} over {prefix}"
     floor = ceil.floor(T * N * H * 2 * 2 + 2 * S * ctx * K * H * 2, flops)
     q_pos = prefix + jnp.arange(new)
     ref = jnp.concatenate(
@@ -168,23 +162,8 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
             )
         )
         args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
-        try:
-            err = _rel(fn(*args), ref)
-            t = time_call(fn, *args)
-        except Exception as e:
-            config = f"bq{bq} e{heads} bk{bk} w{warps} s{stages}"
-            rows.append(dict(case=f"extend {S}x{new}", config=config, error=str(e)[:200]))
-            continue
-        rows.append(
-            dict(
-                case=f"extend {S}x{new} over {prefix}",
-                config=f"bq{bq} e{heads} bk{bk} w{warps} s{stages}",
-                ms=t * 1e3,
-                tflop_s=flops / t / 1e12,
-                of_ceiling=floor / t,
-                rel_err=err,
-            )
-        )
+        config = f"bq{bq} e{heads} bk{bk} w{warps} s{stages}"
+        rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
     if prefix == 0:  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
         slots = [(table[s][:, None] * G + jnp.arange(G)).reshape(-1) for s in range(S)]
         kd = jnp.stack([k[0][:, sl] for sl in slots])  # [S, K, C, H]
@@ -196,21 +175,9 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
                 jax.nn.dot_product_attention, is_causal=True, scale=SCALE, implementation="cudnn"
             )
         )
-        try:
-            t = time_call(cudnn, qd, kd, vd)
-            err = _rel(cudnn(qd, kd, vd).reshape(T, N, H), ref)
-            rows.append(
-                dict(
-                    case=f"extend {S}x{new} over {prefix}",
-                    config="baseline cuDNN dense causal",
-                    ms=t * 1e3,
-                    tflop_s=flops / t / 1e12,
-                    of_ceiling=floor / t,
-                    rel_err=err,
-                )
-            )
-        except Exception as e:
-            rows.append(dict(case=f"extend {S}x{new}", config="baseline cuDNN", error=str(e)[:200]))
+        config = "baseline cuDNN dense causal"
+        rate = ("tflop_s", flops / 1e12)
+        rows.append(_measure(case, config, cudnn, (qd, kd, vd), ref, floor, rate, (T, N, H)))
     return rows
 
 

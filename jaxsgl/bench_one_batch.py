@@ -144,7 +144,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument(
         "--layers",
         choices=["scan", "unrolled"],
-        default=None,
+        default="scan",
         help="run the layers under lax.scan (the engine's default) or unrolled",
     )
     p.add_argument("--result-file", default=None, help="append one JSON line per case")
@@ -162,7 +162,7 @@ def main(argv=None) -> list[dict]:
         G,
         loaded.config.vocab_size,
         attention_backend=args.attention_backend,
-        unroll_layers=None if args.layers is None else args.layers == "unrolled",
+        unroll_layers=args.layers == "unrolled",
     )
     cost = ModelCost.of(loaded.config, runner)
     rng = np.random.default_rng(0)

@@ -58,8 +58,10 @@ def online_softmax(carry, s: jax.Array, v: jax.Array, precision, exp=jnp.exp):
     return m_new, l * rescale + p.sum(axis=1), acc * rescale[:, None] + pv
 
 
-def check_pool(k_pool: jax.Array, v_pool: jax.Array, page_size: int, head_dim: int) -> None:
-    """The paged pool is `[L, K, slots, H]` for keys and values alike."""
+def check_pool(k_pool: jax.Array, v_pool: jax.Array, page_size: int, q: jax.Array) -> int:
+    """The paged pool is `[L, K, slots, H]` for keys and values alike, and fits the queries
+    `q [..., N, H]` (N a multiple of K). Returns K."""
+    *_, num_heads, head_dim = q.shape
     if k_pool.ndim != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(
             f"k_pool {k_pool.shape} and v_pool {v_pool.shape} must both be [L, K, slots, H]"
@@ -68,3 +70,7 @@ def check_pool(k_pool: jax.Array, v_pool: jax.Array, page_size: int, head_dim: i
         raise ValueError(f"pool head dim {k_pool.shape[3]} != query head dim {head_dim}")
     if page_size < 1 or k_pool.shape[2] % page_size:
         raise ValueError(f"pool of {k_pool.shape[2]} slots is not whole pages of {page_size}")
+    K = k_pool.shape[1]
+    if num_heads % K:
+        raise ValueError(f"{num_heads} query heads are not a multiple of {K} kv heads")
+    return K

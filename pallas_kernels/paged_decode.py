@@ -109,10 +109,7 @@ def paged_decode_attention(
     (padding) gets zeros. `num_splits` (split-K) defaults to enough programs to fill a GPU.
     """
     S, N, H = q.shape
-    check_pool(k_pool, v_pool, page_size, H)
-    L, K, _, _ = k_pool.shape
-    if N % K:
-        raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+    K = check_pool(k_pool, v_pool, page_size, q)
     if page_table.ndim != 2 or page_table.shape[0] != S or seq_lens.shape != (S,):
         raise ValueError(
             f"page_table {page_table.shape} and seq_lens {seq_lens.shape} must be [{S}, P] and "

@@ -149,10 +149,7 @@ def ragged_extend_attention(
     kv group (default: the whole group when its size is a power of two, else one head).
     """
     T, N, H = q.shape
-    check_pool(k_pool, v_pool, page_size, H)
-    K = k_pool.shape[1]
-    if N % K:
-        raise ValueError(f"{N} query heads are not a multiple of {K} kv heads")
+    K = check_pool(k_pool, v_pool, page_size, q)
     S = q_start.shape[0]
     if q_lens.shape != (S,) or seq_lens.shape != (S,) or page_table.ndim != 2:
         raise ValueError(

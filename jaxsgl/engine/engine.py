@@ -234,14 +234,15 @@ class Engine:
         # Only an unchanged batch looks ahead: its step then has the shape of the one before,
         # whose sampled tokens it reads row for row. After a request leaves, one step waits.
         overlap = not self.options.disable_overlap_schedule
-        unchanged = len(_live(batch)) == len(batch.reqs)
+        live = _live(batch)  # nothing below changes a request before the rows are recorded
+        unchanged = len(live) == len(batch.reqs)
         if overlap and unchanged and not any(map(_needs_recorded_state, batch.reqs)):
             nxt = self.scheduler.lookahead(batch)
             if nxt is not None:
                 step = self._prepare(nxt, lookahead=True)
                 self._inflight = (nxt, self.runner.launch(step, prev=pending))
                 self.stats.num_lookahead_steps += 1
-        batch, result = _live_rows(batch, self.runner.collect(pending))
+        batch, result = _live_rows(batch, live, self.runner.collect(pending))
         if not batch.reqs:
             return True
         record_step(self, batch, result)
@@ -256,7 +257,10 @@ class Engine:
     def _prepare(self, batch: ScheduledBatch, lookahead: bool = False) -> PreparedStep:
         """Host inputs for `batch`. A lookahead batch's chunk i takes its token from row i of
         the step launched before it, and is one token further than its request recorded."""
-        rows = [self._row_state(r, int(lookahead)) for r in batch.reqs]
+        rows = [
+            self._row_state(r, int(lookahead), sampled)
+            for r, sampled in zip(batch.reqs, batch.sample, strict=True)
+        ]
         k = max((r.top_logprobs_num for r in batch.reqs if r.return_logprob), default=0)
         targets = [
             self._targets(r, c) if c.all_logits else None
@@ -317,8 +321,9 @@ class Engine:
                 self._grammars = GrammarBackend(self.tokenizer.hf, self.eos_ids, vocab)
             return self._grammars
 
-    def _row_state(self, req: Request, ahead: int = 0) -> RowState:
-        mask = req.grammar.allowed_mask() if req.grammar is not None else None
+    def _row_state(self, req: Request, ahead: int = 0, sampled: bool = True) -> RowState:
+        # A grammar's mask only matters where the step samples (not mid-prompt chunks).
+        mask = req.grammar.allowed_mask() if req.grammar is not None and sampled else None
         return RowState(
             allowed_words=mask,
             params=req.params,
@@ -416,9 +421,10 @@ def _subset(batch: ScheduledBatch, rows: list[int]) -> ScheduledBatch:
     return ScheduledBatch(batch.kind, pick(batch.reqs), pick(batch.chunks), pick(batch.sample))
 
 
-def _live_rows(batch: ScheduledBatch, result: StepResult) -> tuple[ScheduledBatch, StepResult]:
-    """`batch` and `result` without the rows of requests that left since the step launched."""
-    keep = _live(batch)
+def _live_rows(
+    batch: ScheduledBatch, keep: list[int], result: StepResult
+) -> tuple[ScheduledBatch, StepResult]:
+    """`batch` and `result` with only the rows `keep` (see `_live`)."""
     if len(keep) == len(batch.reqs):
         return batch, result
     rows = np.asarray(keep, np.int64)

@@ -107,7 +107,7 @@ class ModelRunner:
         eos_token_ids: Sequence[int] = (),
         *,
         attention_backend: str | None = None,
-        unroll_layers: bool | None = None,
+        unroll_layers: bool = False,
     ):
         self.loaded = loaded
         self.page_size = page_size
@@ -125,7 +125,7 @@ class ModelRunner:
             interpret=platform != "gpu",  # Pallas kernels run interpreted off GPUs (tests)
         )
         # Unrolled layers read weights in place but compile far slower: opt-in.
-        loaded.model.unroll_layers = bool(unroll_layers)
+        loaded.model.unroll_layers = unroll_layers
         logger.info("attention backend: %s", loaded.model.attention.name)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.num_steps = 0
