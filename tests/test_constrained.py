@@ -387,3 +387,29 @@ def test_dummy_weights_take_a_tokenizer_for_constrained_output(tmp_path):
             warmup=False,
             progress=False,
         )
+
+
+def test_concurrent_requests_for_one_grammar_compile_it_once(gen):
+    """A burst of identical schemas (a server's common case) costs one compile; the rest wait
+    for it and are cache hits; a burst of one invalid grammar gives every caller its error."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = gen.engine.grammars()
+    schema = json.dumps({"type": "object", "properties": {"burst": {"type": "integer"}}})
+    compiled, hits = backend.num_compiled, backend.num_cache_hits
+    with ThreadPoolExecutor(8) as pool:
+        grammars = list(pool.map(lambda _: backend.compile("json_schema", schema), range(8)))
+    assert backend.num_compiled == compiled + 1
+    assert backend.num_cache_hits == hits + 7
+    assert backend.num_compiling == 0
+    first = gen.tokenizer.encode("{", add_special_tokens=False)[0]
+    assert all(_allowed(g, first) for g in grammars)
+    grammars[0].advance(first)  # every caller owns its state: advancing one moves no other
+    assert not grammars[1].done and _allowed(grammars[1], first)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(backend.compile, "regex", "(unclosed") for _ in range(4)]
+    for f in futures:
+        with pytest.raises(ValueError, match="regex"):
+            f.result()
+    assert backend.num_compiling == 0

@@ -14,6 +14,7 @@ thread, and keeps each compiled grammar by (kind, text), handing out copies.
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import threading
@@ -82,43 +83,73 @@ class GrammarBackend:
         self.vocab_size = vocab_size
         self._cache: dict[tuple[str, str], object] = {}
         self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], concurrent.futures.Future] = {}
         self.num_compiled = 0
         self.num_cache_hits = 0
         self.compile_seconds: list[float] = []
         self.num_compiling = 0  # requests waiting for their grammar right now
 
     def compile(self, kind: str, spec: str | Sequence[str]) -> Grammar:
-        """A fresh grammar state for `spec`; ValueError naming the problem if it is invalid."""
-        from llguidance import LLMatcher
+        """A fresh grammar state for `spec`; ValueError naming the problem if it is invalid.
 
+        Requests that ask for the same grammar while it compiles wait for that one compile and
+        count as cache hits, so a burst of identical schemas costs one compile, not one each.
+        """
         key = (kind, spec if isinstance(spec, str) else json.dumps(list(spec)))
         with self._lock:
             template = self._cache.get(key)
-            if template is not None:
-                self.num_cache_hits += 1
-                return Grammar(template.deep_copy(), self.eos_ids, self.vocab_size)
+            pending = self._pending.get(key)
+            if template is None and pending is None:
+                pending = self._pending[key] = concurrent.futures.Future()
+                owner = True
+            else:
+                owner = False
             self.num_compiling += 1
+        if not owner:
+            try:
+                if template is None:
+                    template = pending.result()  # raises the owner's ValueError
+            finally:
+                with self._lock:
+                    self.num_compiling -= 1
+            with self._lock:  # one copy at a time out of the shared template
+                self.num_cache_hits += 1
+                matcher = template.deep_copy()
+            return Grammar(matcher, self.eos_ids, self.vocab_size)
         try:
             t0 = time.perf_counter()
-            grammar = _grammar_text(kind, spec)
-            error = LLMatcher.validate_grammar(grammar, self._tokenizer)
-            if error:
-                raise ValueError(f"invalid {kind}: {error.strip()}")
-            matcher = LLMatcher(self._tokenizer, grammar)
-            if matcher.is_error():
-                raise ValueError(f"invalid {kind}: {matcher.get_error()}")
+            matcher = self._build(kind, spec)
             seconds = time.perf_counter() - t0
-        finally:
+        except BaseException as e:
             with self._lock:
                 self.num_compiling -= 1
+                del self._pending[key]
+            pending.set_exception(e)
+            raise
+        template = matcher.deep_copy()
         with self._lock:
+            self.num_compiling -= 1
             self.num_compiled += 1
             self.compile_seconds.append(seconds)
             if len(self._cache) >= MAX_CACHED:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[key] = matcher.deep_copy()
+            self._cache[key] = template
+            del self._pending[key]
+        pending.set_result(template)
         logger.info("compiled a %s grammar in %.1f ms", kind, seconds * 1e3)
         return Grammar(matcher, self.eos_ids, self.vocab_size)
+
+    def _build(self, kind: str, spec: str | Sequence[str]):
+        from llguidance import LLMatcher
+
+        grammar = _grammar_text(kind, spec)
+        error = LLMatcher.validate_grammar(grammar, self._tokenizer)
+        if error:
+            raise ValueError(f"invalid {kind}: {error.strip()}")
+        matcher = LLMatcher(self._tokenizer, grammar)
+        if matcher.is_error():
+            raise ValueError(f"invalid {kind}: {matcher.get_error()}")
+        return matcher
 
 
 def _grammar_text(kind: str, spec: str | Sequence[str]) -> str:
