@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from jaxsgl.engine.options import SCHEDULE_POLICIES, EngineOptions
+from jaxsgl.engine.options import GRAMMAR_BACKENDS, SCHEDULE_POLICIES, EngineOptions
 from jaxsgl.model.loader import DEFAULT_MODEL, DTYPES, LOAD_FORMATS
 
 logger = logging.getLogger("jaxsgl.server")
@@ -74,10 +74,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait for each decode step before preparing the next",
     )
     a(
+        "--num-continuous-decode-steps",
+        type=int,
+        default=d.num_continuous_decode_steps,
+        help="decode steps run in one launch while the batch is stable (fewer host round trips; "
+        "streams then get tokens in bursts)",
+    )
+    a(
         "--grammar-backend",
-        default="none",
-        choices=["none"],
-        help="constrained decoding backend (none yet)",
+        default=d.grammar_backend,
+        choices=list(GRAMMAR_BACKENDS),
+        help="constrained decoding backend; none refuses regex, json_schema and ebnf requests",
     )
     a("--api-key", default=None)
     a("--served-model-name", default=None)
@@ -136,6 +143,8 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         attention_backend=args.attention_backend,
         disable_overlap_schedule=args.disable_overlap_schedule,
         disable_jump_forward=args.disable_jump_forward,
+        grammar_backend=args.grammar_backend,
+        num_continuous_decode_steps=args.num_continuous_decode_steps,
         random_seed=args.random_seed,
         served_model_name=args.served_model_name,
         chat_template=template,

@@ -121,6 +121,42 @@ def test_overlap_schedule_changes_no_output(gen):
         assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_continuous_decode_steps_change_no_output(gen, overlap):
+    """Four decode steps a launch give what one step a launch gives: seeded sampling,
+    logprobs, requests ending mid-launch by length, eos and stop strings, and a penalized
+    request (which keeps the batch at one step a launch while it runs)."""
+    prompts = ["Tell me about the sea.", "1, 2, 3,", "Hello", "Name a color:", "Count: a, b,"]
+    params = [
+        {"temperature": 1.0, "max_new_tokens": 17, "sampling_seed": 5},
+        {"temperature": 0.0, "max_new_tokens": 30, "stop": [", 9"]},
+        {"temperature": 0.7, "top_k": 20, "max_new_tokens": 6, "sampling_seed": 8},
+        {"temperature": 0.0, "max_new_tokens": 40},
+        {"temperature": 0.0, "max_new_tokens": 10, "frequency_penalty": 0.5},
+    ]
+    one_step = gen.generate(prompts, params, return_logprob=True)
+    with Generator(
+        dtype="float32",
+        max_total_tokens=4096,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+        disable_overlap_schedule=not overlap,
+        num_continuous_decode_steps=4,
+    ) as multi:
+        steps = multi.generate(prompts, params, return_logprob=True)
+        st = multi.engine.stats
+        assert st.num_decode_steps >= 2 * st.num_decode_launches > 0  # most launches ran 4
+        assert multi.check_integrity() == {"running": 0, "waiting": 0}
+    for a, b in zip(one_step, steps, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        assert a["text"] == b["text"]
+        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
+        lp_a = [lp for lp, _, _ in a["meta_info"]["output_token_logprobs"]]
+        lp_b = [lp for lp, _, _ in b["meta_info"]["output_token_logprobs"]]
+        assert lp_a == pytest.approx(lp_b, abs=1e-4)
+
+
 def test_n_copies_share_the_prompt(gen):
     prompt = _shared_prefix_prompts(gen, 1)[0]
     outs = gen.generate(

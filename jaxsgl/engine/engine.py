@@ -58,6 +58,7 @@ class EngineStats:
         self.num_aborted = 0
         self.num_extend_steps = 0
         self.num_decode_steps = 0
+        self.num_decode_launches = 0  # fewer than the steps with --num-continuous-decode-steps
         self.num_lookahead_steps = 0  # decode steps launched before the previous one ended
         self.jump_forward_tokens = 0  # output tokens a grammar forced, appended unsampled
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
@@ -119,6 +120,7 @@ class Engine:
                 self.context_length,
                 options.chunk_tokens,
                 progress=progress,
+                decode_steps=options.num_continuous_decode_steps,
             )
         self.stats = EngineStats()
         self.outputs: dict[int, OutputState] = {}
@@ -130,7 +132,7 @@ class Engine:
         self._grammars_lock = threading.Lock()
         self._stop = threading.Event()
         self._seeds = random.Random(options.random_seed)  # for requests without a seed
-        self._last_log = time.perf_counter()
+        self._last_log = (time.perf_counter(), 0)  # (when, generation_tokens) last logged
         logger.info(
             "engine ready: %d KV pages of %d tokens, context %d",
             num_pages,
@@ -236,17 +238,22 @@ class Engine:
         overlap = not self.options.disable_overlap_schedule
         live = _live(batch)  # nothing below changes a request before the rows are recorded
         unchanged = len(live) == len(batch.reqs)
-        if overlap and unchanged and not any(map(_needs_recorded_state, batch.reqs)):
+        if overlap and unchanged and all(r.can_run_ahead() for r in batch.reqs):
             nxt = self.scheduler.lookahead(batch)
             if nxt is not None:
                 step = self._prepare(nxt, lookahead=True)
                 self._inflight = (nxt, self.runner.launch(step, prev=pending))
                 self.stats.num_lookahead_steps += 1
-        batch, result = _live_rows(batch, live, self.runner.collect(pending))
+        launched, results = batch, self.runner.collect_steps(pending)
+        batch, first = _live_rows(launched, live, results[0])
         if not batch.reqs:
             return True
-        record_step(self, batch, result)
-        self._log_step(batch)
+        record_step(self, batch, first)
+        for result in results[1:]:  # further steps of one launch: requests that went on
+            live = [i for i in live if launched.reqs[i].finish_reason is None]
+            if live:
+                record_step(self, *_live_rows(launched, live, result))
+        self._log_step(batch, launched.num_steps)
         for req in batch.reqs:
             if req.finish_reason is not None:
                 self._finish(req)
@@ -256,10 +263,11 @@ class Engine:
 
     def _prepare(self, batch: ScheduledBatch, lookahead: bool = False) -> PreparedStep:
         """Host inputs for `batch`. A lookahead batch's chunk i takes its token from row i of
-        the step launched before it, and is one token further than its request recorded."""
+        the launch before it, and is as many tokens further than its request recorded as that
+        launch ran steps."""
         rows = [
-            self._row_state(r, int(lookahead), sampled)
-            for r, sampled in zip(batch.reqs, batch.sample, strict=True)
+            self._row_state(r, c.prefix_len - r.kv_len, sampled)
+            for r, c, sampled in zip(batch.reqs, batch.chunks, batch.sample, strict=True)
         ]
         k = max((r.top_logprobs_num for r in batch.reqs if r.return_logprob), default=0)
         targets = [
@@ -273,9 +281,10 @@ class Engine:
             k,
             targets,
             placeholders=lookahead,
+            num_steps=batch.num_steps,
         )
 
-    def _log_step(self, batch: ScheduledBatch) -> None:
+    def _log_step(self, batch: ScheduledBatch, num_steps: int = 1) -> None:
         """SGLang-style batch lines: every prefill, every `DECODE_LOG_INTERVAL`-th decode."""
         st, sched = self.stats, self.scheduler
         st.steps.append((batch.kind, len(batch.reqs), sum(len(c.tokens) for c in batch.chunks)))
@@ -295,11 +304,14 @@ class Engine:
                 len(sched.waiting),
             )
             return
-        st.num_decode_steps += 1
-        if st.num_decode_steps % DECODE_LOG_INTERVAL == 0:
-            now = time.perf_counter()
-            rate = DECODE_LOG_INTERVAL * len(batch.reqs) / max(now - self._last_log, 1e-9)
-            self._last_log = now
+        st.num_decode_launches += 1
+        st.num_decode_steps += num_steps
+        if st.num_decode_steps // DECODE_LOG_INTERVAL > (st.num_decode_steps - num_steps) // (
+            DECODE_LOG_INTERVAL
+        ):
+            now, made = time.perf_counter(), st.generation_tokens
+            rate = (made - self._last_log[1]) / max(now - self._last_log[0], 1e-9)
+            self._last_log = (now, made)
             tokens = sum(r.kv_len for r in sched.running)
             logger.info(
                 "Decode batch. #running-req: %d, #token: %d, token usage: %.2f, "
@@ -315,6 +327,8 @@ class Engine:
         """The grammar compiler for this model's tokenizer (built on first use, any thread)."""
         with self._grammars_lock:
             if self._grammars is None:
+                if self.options.grammar_backend == "none":
+                    raise ValueError("constrained decoding is off (grammar backend 'none')")
                 if self.tokenizer is None:
                     raise ValueError("constrained decoding needs the model's tokenizer")
                 vocab = self.loaded.config.vocab_size
@@ -329,7 +343,7 @@ class Engine:
             params=req.params,
             seed=req.seed,
             num_output_tokens=len(req.output_ids) + ahead,
-            output_counts=collections.Counter(req.output_ids) if _penalized(req) else {},
+            output_counts=collections.Counter(req.output_ids) if req.penalized else {},
             prompt_ids=req.prompt_ids,
         )
 
@@ -393,17 +407,6 @@ class Engine:
             "grammar_compile_seconds_total": sum(g.compile_seconds) if g else 0.0,
             "num_grammar_waiting_reqs": g.num_compiling if g else 0,
         }
-
-
-def _penalized(req: Request) -> bool:
-    p = req.params
-    return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1)
-
-
-def _needs_recorded_state(req: Request) -> bool:
-    """Penalties read the request's token counts and grammars its last token: neither is
-    known when a lookahead step is prepared."""
-    return _penalized(req) or req.grammar is not None
 
 
 def _live(batch: ScheduledBatch) -> list[int]:

@@ -27,6 +27,7 @@ from jaxsgl.model.forward_batch import (
     KVPool,
     SeqChunk,
     Shape,
+    advance_decode,
     bucket,
     fit_shape,
     kv_pool_sharding,
@@ -78,15 +79,22 @@ class PreparedStep:
     # Token t is row token_src[t] of the previous step's sampled tokens, or batch.tokens[t]
     # where token_src[t] is -1 (see `ModelRunner.prepare`).
     token_src: np.ndarray  # [T] int32
+    num_steps: int = 1  # decode steps run in this one launch, each feeding the next its tokens
 
 
 @dataclasses.dataclass(frozen=True)
 class PendingStep:
     """A launched step: device arrays not yet waited for."""
 
-    out: SampleOutput
+    out: SampleOutput  # fields [S, ...], or [num_steps, S, ...] for several steps
     targets: tuple | None
     num_chunks: int
+    num_steps: int = 1
+
+    @property
+    def last_tokens(self) -> jax.Array:
+        """`[S]` the tokens its last step sampled: the next step's placeholders."""
+        return self.out.tokens if self.num_steps == 1 else self.out.tokens[-1]
 
 
 def enable_compilation_cache(path: str | None) -> str:
@@ -159,14 +167,18 @@ class ModelRunner:
         target_ids: Sequence[Sequence[int]] | None = None,
         *,
         placeholders: bool = False,
+        num_steps: int = 1,
     ) -> PreparedStep:
         """The host half of a step: the padded numpy inputs.
 
         With `placeholders` (a decode step prepared before the previous one finished, over
         the same sequences), chunk i's token is whatever the previous step sampled in its row
         i: `launch` gets those tokens as a device array, and the step reads them there.
+        A decode batch with `num_steps` > 1 runs that many steps in one launch, each step's
+        sampled tokens the next one's input (the chunks' pages must cover them all).
         """
-        shape = self.shape_for(chunks, decode)
+        assert num_steps == 1 or decode
+        shape = self.shape_for(chunks, decode, num_steps)
         k = bucket(top_logprobs_num) if top_logprobs_num else 0
         sampling = build_sampling_inputs(
             rows,
@@ -182,19 +194,20 @@ class ModelRunner:
             token_src[: len(chunks)] = np.arange(len(chunks))
         return PreparedStep(
             token_src=token_src,
-            batch=pack_chunks(chunks, self.page_size, shape),
+            batch=pack_chunks(chunks, self.page_size, shape, num_steps),
             sampling=sampling,
             sample_rows=sample_rows,
             want_targets=any(c.all_logits for c in chunks),
             target_ids=targets,
             num_chunks=len(chunks),
+            num_steps=num_steps,
         )
 
     def launch(self, step: PreparedStep, prev: PendingStep | None = None) -> PendingStep:
         """Dispatch the step to the device and return at once (JAX runs it asynchronously).
         `prev` is the launched step whose sampled tokens fill the placeholders."""
         S = step.batch.q_start.shape[0]
-        prev_tokens = prev.out.tokens if prev is not None else self._no_tokens(S)
+        prev_tokens = prev.last_tokens if prev is not None else self._no_tokens(S)
         assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
         out, tgt, self.kv = _step(
             self.graphdef,
@@ -208,18 +221,33 @@ class ModelRunner:
             step.target_ids,
             step.token_src,
             prev_tokens,
+            step.num_steps,
         )
-        self.num_steps += 1
-        return PendingStep(out, tgt, step.num_chunks)
+        self.num_steps += step.num_steps
+        return PendingStep(out, tgt, step.num_chunks, step.num_steps)
 
     def collect(self, pending: PendingStep) -> StepResult:
-        """Wait for a launched step and copy its outputs to the host."""
+        """Wait for a launched single step and copy its outputs to the host."""
+        assert pending.num_steps == 1
+        return self.collect_steps(pending)[0]
+
+    def collect_steps(self, pending: PendingStep) -> list[StepResult]:
+        """Wait for a launched step and copy its outputs to the host, one result per step."""
         n = pending.num_chunks
         out = jax.device_get(pending.out)
         tgt = jax.device_get(pending.targets) if pending.targets is not None else (None,) * 3
-        return StepResult(
-            out.tokens[:n], out.logprobs[:n], out.top_logprobs[:n], out.top_ids[:n], *tgt
-        )
+        if pending.num_steps == 1:
+            out = jax.tree.map(lambda x: x[None], out)
+        return [
+            StepResult(
+                out.tokens[i, :n],
+                out.logprobs[i, :n],
+                out.top_logprobs[i, :n],
+                out.top_ids[i, :n],
+                *tgt,
+            )  # fmt: skip
+            for i in range(pending.num_steps)
+        ]
 
     def _no_tokens(self, S: int) -> jax.Array:
         """Zeros standing in for a previous step's tokens, placed like a step's outputs so
@@ -229,10 +257,10 @@ class ModelRunner:
             self._zero_tokens[S] = jax.device_put(np.zeros(S, np.int32), sharding)
         return self._zero_tokens[S]
 
-    def shape_for(self, chunks: Sequence[SeqChunk], decode: bool) -> Shape:
+    def shape_for(self, chunks: Sequence[SeqChunk], decode: bool, num_steps: int = 1) -> Shape:
         if decode:
             s = bucket(len(chunks))
-            pages = fit_shape(chunks, self.page_size).P
+            pages = fit_shape(chunks, self.page_size, num_steps=num_steps).P
             return Shape(T=s, S=s, Q=1, P=pages, R=s)
         shape = fit_shape(chunks, self.page_size, Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=1, R=1))
         if shape.S == 1:  # one sequence owns every row: Q = T costs nothing and shares programs
@@ -253,30 +281,41 @@ class ModelRunner:
         return sample_rows, targets
 
     def warmup(
-        self, max_batch: int, max_context: int, chunk_tokens: int, progress: bool = True
+        self,
+        max_batch: int,
+        max_context: int,
+        chunk_tokens: int,
+        progress: bool = True,
+        decode_steps: int = 1,
     ) -> int:
-        """Compile the decode grid (batch x context buckets) and every single-request extend
-        (token x context buckets: prefills, cache hits, prompt chunks)."""
+        """Compile the decode grid (batch x context buckets, for one step and for
+        `decode_steps` steps a launch) and every single-request extend (token x context
+        buckets: prefills, cache hits, prompt chunks)."""
         page_buckets = _powers(1, -(-max_context // self.page_size))
-        shapes = [("decode", s, p) for s in _powers(1, max_batch) for p in page_buckets]
+        steps = sorted({1, decode_steps})
+        shapes = [
+            ("decode", s, p, k) for k in steps for s in _powers(1, max_batch) for p in page_buckets
+        ]
         for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
-            shapes += [("extend", t, p) for p in page_buckets if p * self.page_size >= t]
-        for kind, n, p in tqdm(shapes, desc="Compiling step shapes", disable=not progress):
-            self._run_dummy(kind, n, p)
+            shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
+        for kind, n, p, k in tqdm(shapes, desc="Compiling step shapes", disable=not progress):
+            self._run_dummy(kind, n, p, k)
         return len(shapes)
 
-    def _run_dummy(self, kind: str, n: int, pages: int) -> None:
+    def _run_dummy(self, kind: str, n: int, pages: int, num_steps: int = 1) -> None:
         # Writes go to scratch page 0 only, so the pool's contents are untouched.
         greedy = RowState(params=SamplingParams(temperature=0.0), seed=0)
         if kind == "decode":
-            chunks = [SeqChunk([0], pages * self.page_size - 1, [0] * pages)] * n
-            self.run(chunks, [greedy] * n, decode=True)
+            prefix = max(0, pages * self.page_size - num_steps)
+            chunks = [SeqChunk([0], prefix, [0] * pages)] * n
+            step = self.prepare(chunks, [greedy] * n, True, num_steps=num_steps)
+            self.collect_steps(self.launch(step))
         else:
             chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
             self.run([chunk], [greedy], decode=False)
 
 
-@partial(jax.jit, static_argnums=(0, 1, 7), donate_argnums=3)
+@partial(jax.jit, static_argnums=(0, 1, 7, 11), donate_argnums=3)
 def _step(
     graphdef,
     kv_sharding,
@@ -289,14 +328,33 @@ def _step(
     target_ids,
     token_src,  # [T] int32, row of prev_tokens holding the token, or -1: batch.tokens
     prev_tokens,  # [S] int32, the previous step's sampled tokens (device resident)
+    num_steps: int = 1,
 ):
-    """Forward + sample. Module level, so runners of the same model share compiled programs."""
+    """Forward + sample. Module level, so runners of the same model share compiled programs.
+
+    With `num_steps` > 1 (decode only) the forward and sampling repeat that many times in one
+    program, each step's sampled tokens the next one's input; outputs get a leading step axis.
+    """
     tokens = jnp.where(token_src >= 0, prev_tokens[jnp.maximum(token_src, 0)], batch.tokens)
     batch = dataclasses.replace(batch, tokens=tokens)
-    logits, kv = nnx.merge(graphdef, state)(batch, kv)  # [R, V]
-    # Pin the pool's sharding: the next step then gets exactly the input it was compiled for.
-    kv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_sharding), kv)
-    out: SampleOutput = sample(logits[sample_rows], sampling)
+
+    def forward(batch, kv, sampling):
+        logits, kv = nnx.merge(graphdef, state)(batch, kv)  # [R, V]
+        # Pin the pool's sharding: the next step then gets exactly the input it was compiled for.
+        kv = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, kv_sharding), kv)
+        return logits, kv, sample(logits[sample_rows], sampling)
+
+    if num_steps > 1:
+
+        def one_step(carry, i):  # decode: row t of the batch is sequence t, so T = S
+            kv, tokens = carry
+            sampling_i = dataclasses.replace(sampling, step=sampling.step + i)
+            _, kv, out = forward(advance_decode(batch, i, tokens), kv, sampling_i)
+            return (kv, out.tokens), out
+
+        (kv, _), out = jax.lax.scan(one_step, (kv, batch.tokens), jnp.arange(num_steps))
+        return out, None, kv
+    logits, kv, out = forward(batch, kv, sampling)
     targets = None
     if want_targets:
         k = sampling.top_logprobs_num

@@ -6,6 +6,7 @@ import dataclasses
 from typing import Any
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
+GRAMMAR_BACKENDS = ("llguidance", "none")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -28,8 +29,10 @@ class EngineOptions:
     disable_radix_cache: bool = False
     page_size: int = 16
     attention_backend: str | None = None  # "native" or "pallas"; None: pallas on GPUs
+    grammar_backend: str = "llguidance"  # "none" refuses regex, json_schema and ebnf
     disable_jump_forward: bool = False  # else forced grammar tokens are appended unsampled
     disable_overlap_schedule: bool = False  # else decode step N+1 launches before N ends
+    num_continuous_decode_steps: int = 1  # decode steps per launch while the batch is stable
     random_seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None
@@ -42,9 +45,16 @@ class EngineOptions:
             raise ValueError(
                 f"schedule_policy {self.schedule_policy!r} is not one of {SCHEDULE_POLICIES}"
             )
-        for name in ("tp_size", "dp_size", "max_running_requests", "page_size"):
+        for name in (
+            "tp_size", "dp_size", "max_running_requests", "page_size",
+            "num_continuous_decode_steps",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.grammar_backend not in GRAMMAR_BACKENDS:
+            raise ValueError(
+                f"grammar_backend {self.grammar_backend!r} is not one of {GRAMMAR_BACKENDS}"
+            )
         if self.attention_backend not in (None, "native", "pallas"):
             raise ValueError(
                 f"attention_backend {self.attention_backend!r} is not 'native' or 'pallas'"

@@ -83,3 +83,13 @@ class Request:
 
     def wants_prompt_logprobs(self) -> bool:
         return self.return_logprob and 0 <= self.logprob_start_len < len(self.prompt_ids)
+
+    @property
+    def penalized(self) -> bool:
+        p = self.params
+        return bool(p.frequency_penalty or p.presence_penalty or p.repetition_penalty != 1)
+
+    def can_run_ahead(self) -> bool:
+        """Whether a step may be prepared before this request's last token is recorded:
+        penalties read its token counts and grammars its last token, neither known then."""
+        return not self.penalized and self.grammar is None

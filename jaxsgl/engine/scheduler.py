@@ -32,6 +32,7 @@ class ScheduledBatch:
     reqs: list[Request]
     chunks: list[SeqChunk]
     sample: list[bool]  # the chunk reaches the request's last token: a new token is sampled
+    num_steps: int = 1  # decode steps run in one launch (`--num-continuous-decode-steps`)
 
 
 class Scheduler:
@@ -158,8 +159,29 @@ class Scheduler:
         if not reqs:
             return None
         self.new_token_ratio = max(self.min_new_token_ratio, self.new_token_ratio - 0.001)
+        steps = self._decode_steps(reqs, ahead=0)
         chunks = [SeqChunk(r.tokens[-1:], r.kv_len, list(r.pages)) for r in reqs]
-        return ScheduledBatch("decode", reqs, chunks, [True] * len(reqs))
+        return ScheduledBatch("decode", reqs, chunks, [True] * len(reqs), steps)
+
+    def _decode_steps(self, reqs: list[Request], ahead: int) -> int:
+        """How many decode steps the next launch for `reqs` runs, `ahead` tokens past what they
+        recorded: `num_continuous_decode_steps` when every request has that many tokens to go
+        before its length limits, needs no recorded state, and gets the pages; else 1. Only
+        those two counts, so each batch shape compiles at most twice."""
+        k = self.options.num_continuous_decode_steps
+        if k == 1:
+            return 1
+        for r in reqs:
+            left = r.params.max_new_tokens - len(r.output_ids) - ahead
+            if left < k or r.num_tokens + ahead + k > self.context_length:
+                return 1
+            if not r.can_run_ahead() or r.params.min_new_tokens > len(r.output_ids):
+                return 1
+        # Every step's token writes its K/V: pages up to the last one (an early stop wastes
+        # at most k - 1 slots, freed with the request).
+        if all(self.kv.reserve(r, r.kv_len + ahead + k) for r in reqs):
+            return k
+        return 1
 
     def lookahead(self, batch: ScheduledBatch) -> ScheduledBatch | None:
         """The decode step after `batch` for the same requests, formed before `batch`'s tokens
@@ -173,14 +195,16 @@ class Scheduler:
             return None
         if any(r.prefilling for r in self.running):
             return None
+        ahead = batch.num_steps  # tokens `batch` adds to each request
         for req, chunk in zip(batch.reqs, batch.chunks, strict=True):
-            if not self.kv.reserve(req, chunk.prefix_len + 2):
+            if not self.kv.reserve(req, chunk.prefix_len + ahead + 1):
                 return None
+        steps = self._decode_steps(batch.reqs, ahead)
         chunks = [
-            SeqChunk([0], c.prefix_len + 1, list(r.pages))
+            SeqChunk([0], c.prefix_len + ahead, list(r.pages))
             for r, c in zip(batch.reqs, batch.chunks, strict=True)
         ]
-        return ScheduledBatch("decode", list(batch.reqs), chunks, [True] * len(batch.reqs))
+        return ScheduledBatch("decode", list(batch.reqs), chunks, [True] * len(batch.reqs), steps)
 
     def _retract(self, req: Request) -> None:
         logger.info("retracting %s after %d tokens: KV pool full", req.rid, len(req.output_ids))

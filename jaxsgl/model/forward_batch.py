@@ -126,25 +126,54 @@ class Shape:
     R: int  # logits rows
 
 
-def pack_chunks(chunks: Sequence[SeqChunk], page_size: int, shape: Shape) -> ForwardBatch:
+def pack_chunks(
+    chunks: Sequence[SeqChunk], page_size: int, shape: Shape, num_steps: int = 1
+) -> ForwardBatch:
     """Host-side (numpy) batch for `chunks`, padded to `shape`.
 
     The logits rows come in chunk order: for each chunk its last token, or all of its new
     tokens when `all_logits`. `logits_rows(chunks)` gives the same layout for reading back.
+    A decode batch run for `num_steps` steps in one launch (`advance_decode`) gets page
+    tables covering every step's token.
     """
     if all(len(c.tokens) == 1 and not c.all_logits for c in chunks):
-        return _pack_single_tokens(chunks, page_size, shape)
+        return _pack_single_tokens(chunks, page_size, shape, num_steps)
+    assert num_steps == 1, "only decode batches run several steps"
     return _pack_any(chunks, page_size, shape)
 
 
-def _pack_single_tokens(chunks: Sequence[SeqChunk], G: int, shape: Shape) -> ForwardBatch:
+def advance_decode(batch: ForwardBatch, steps: jax.Array, tokens: jax.Array) -> ForwardBatch:
+    """On the device: the decode batch `steps` tokens further on, with new `tokens [T]`.
+
+    Decode rows are sequences (T = S, row t is sequence t). A real row's token moves `steps`
+    positions on and writes its K/V into that position's slot of its own table; padding rows
+    (q_lens 0) stay where they were, on the scratch page. Page size 4, a row at position 6
+    with table [7 3 9]: two steps on it sits at 8, writes slot 9*4 + 0 = 36, sees 9 tokens.
+    """
+    real = batch.q_lens > 0  # [T]
+    G = batch.page_size
+    positions = batch.positions + steps  # [T]
+    rows = jnp.arange(positions.shape[0])
+    page = batch.page_table[rows, jnp.minimum(positions // G, batch.page_table.shape[1] - 1)]
+    return dataclasses.replace(
+        batch,
+        tokens=tokens,
+        positions=jnp.where(real, positions, batch.positions),
+        write_slots=jnp.where(real, page * G + positions % G, batch.write_slots),
+        seq_lens=jnp.where(real, batch.seq_lens + steps, batch.seq_lens),
+    )
+
+
+def _pack_single_tokens(
+    chunks: Sequence[SeqChunk], G: int, shape: Shape, num_steps: int = 1
+) -> ForwardBatch:
     """`pack_chunks` for a decode step (one new token per chunk), with array operations in
     place of a loop over chunks: the host builds one of these per step."""
     n = len(chunks)
     assert n <= min(shape.T, shape.S, shape.R) and shape.Q >= 1
     prefix = np.fromiter((c.prefix_len for c in chunks), np.int32, n)  # [n]
     seq_lens = prefix + 1
-    num_pages = -(-seq_lens // G)
+    num_pages = -(-(prefix + num_steps) // G)  # the pages of the last step's token too
     assert num_pages.max() <= shape.P
     page_table = np.full((shape.S, shape.P), SCRATCH_PAGE, np.int32)
     for s, c in enumerate(chunks):
@@ -213,10 +242,14 @@ def _pack_any(chunks: Sequence[SeqChunk], page_size: int, shape: Shape) -> Forwa
     )
 
 
-def fit_shape(chunks: Sequence[SeqChunk], page_size: int, minimum: Shape | None = None) -> Shape:
-    """The smallest power-of-two Shape holding `chunks` (and at least `minimum`)."""
+def fit_shape(
+    chunks: Sequence[SeqChunk], page_size: int, minimum: Shape | None = None, num_steps: int = 1
+) -> Shape:
+    """The smallest power-of-two Shape holding `chunks` (and at least `minimum`), with pages
+    for `num_steps - 1` more tokens per chunk (a decode batch run for several steps)."""
     lo = minimum or Shape(T=1, S=1, Q=1, P=1, R=1)
-    pages = max(-(-(c.prefix_len + len(c.tokens)) // page_size) for c in chunks)
+    extra = num_steps - 1
+    pages = max(-(-(c.prefix_len + len(c.tokens) + extra) // page_size) for c in chunks)
     rows = sum(len(c.tokens) if c.all_logits else 1 for c in chunks)
     return Shape(
         T=bucket(sum(len(c.tokens) for c in chunks), lo.T),
