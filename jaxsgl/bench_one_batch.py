@@ -10,7 +10,8 @@ measured copy bandwidth and (matmul + attention FLOPs) over the measured bf16 ma
 both times the number of devices under tensor parallelism; `x floor` is measured time over
 that floor (1.0 is the ceiling). `host ms` is the part of a decode step the device does not
 account for: the wall time of a step prepared, launched and waited for, minus the time of the
-same prepared step launched back to back.
+same prepared step launched back to back. With `--num-continuous-decode-steps k` the table
+also gives the device's time per step when k steps run in one launch (no gap between them).
 """
 
 from __future__ import annotations
@@ -78,7 +79,14 @@ class ModelCost:
 
 
 def bench_case(
-    runner, cost: ModelCost, ceil: Ceilings, bs: int, input_len: int, output_len: int, rng
+    runner,
+    cost: ModelCost,
+    ceil: Ceilings,
+    bs: int,
+    input_len: int,
+    output_len: int,
+    rng,
+    decode_steps: int = 1,
 ) -> dict:
     G = runner.page_size
     pages_per_seq = -(-(input_len + output_len) // G)
@@ -108,6 +116,10 @@ def bench_case(
     mid = [SeqChunk([int(tokens[s])], ctx, pages[s]) for s in range(bs)]
     prepared = runner.prepare(mid, rows, True)
     device = time_call(lambda: runner.launch(prepared).out.tokens, repeats=3, calls=10)
+    # Several steps in one launch (`--num-continuous-decode-steps`): no gap between steps.
+    k = min(decode_steps, output_len - output_len // 2)
+    prepared = runner.prepare(mid, rows, True, num_steps=k)
+    device_k = time_call(lambda: runner.launch(prepared).out.tokens, repeats=3, calls=10) / k
 
     pb, pf = cost.prefill(bs, input_len)
     db, df = cost.decode(bs, ctx)
@@ -127,6 +139,9 @@ def bench_case(
         decode_bound=ceil.bound(db, df),
         decode_device_ms=device * 1e3,
         host_ms=(step - device) * 1e3,
+        decode_steps_per_launch=k,
+        decode_launch_ms_per_step=device_k * 1e3,
+        decode_launch_x_floor=device_k / ceil.floor(db, df),
     )
 
 
@@ -146,6 +161,12 @@ def main(argv=None) -> list[dict]:
         choices=["scan", "unrolled"],
         default="scan",
         help="run the layers under lax.scan (the engine's default) or unrolled",
+    )
+    p.add_argument(
+        "--num-continuous-decode-steps",
+        type=int,
+        default=1,
+        help="also time this many decode steps run in one launch (per step, back to back)",
     )
     p.add_argument("--result-file", default=None, help="append one JSON line per case")
     args = p.parse_args(argv)
@@ -170,7 +191,7 @@ def main(argv=None) -> list[dict]:
     # Weights and KV split over the mesh: its devices' bandwidth and FLOPs add up.
     mesh_ceil = ceil.times(mesh.devices.size)
     for bs, i, o in tqdm(cases, desc="bench_one_batch"):
-        r = bench_case(runner, cost, mesh_ceil, bs, i, o, rng)
+        r = bench_case(runner, cost, mesh_ceil, bs, i, o, rng, args.num_continuous_decode_steps)
         r.update(
             model=args.model_path,
             tp_size=args.tp_size,
@@ -197,14 +218,16 @@ def main(argv=None) -> list[dict]:
     )
     print(
         f"{'bs':>4} {'in':>5} {'out':>4} | {'prefill ms':>10} {'tok/s':>9} {'x floor':>7} | "
-        f"{'step ms':>8} {'tok/s':>8} {'x floor':>7} {'host ms':>7}"
+        f"{'step ms':>8} {'tok/s':>8} {'x floor':>7} {'host ms':>7} | "
+        f"{'k':>2} {'launch ms/step':>14} {'x floor':>7}"
     )
     for r in results:
         print(
             f"{r['batch_size']:4d} {r['input_len']:5d} {r['output_len']:4d} | "
             f"{r['prefill_ms']:10.2f} {r['prefill_tok_s']:9.0f} {r['prefill_x_floor']:7.2f} | "
             f"{r['decode_step_ms']:8.2f} {r['decode_tok_s']:8.0f} {r['decode_x_floor']:7.2f} "
-            f"{r['host_ms']:7.2f}"
+            f"{r['host_ms']:7.2f} | {r['decode_steps_per_launch']:2d} "
+            f"{r['decode_launch_ms_per_step']:14.2f} {r['decode_launch_x_floor']:7.2f}"
         )
     return results
 
