@@ -141,7 +141,7 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
         grid = [
             (bq, bk, w, st, e)
             for bq, bk, w, st, e in itertools.product(
-                (32, 64, 128), (32, 64, 128), (4, 8), (2, 3), (1, 4)
+                (32, 64, 128), (32, 64, 128), (4, 8), (2,), (1, 4)
             )
             if 64 <= bq * e <= 256
         ]
@@ -185,6 +185,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="write all rows as JSON here")
     p.add_argument("--no-sweep", action="store_true", help="one block configuration per case")
+    p.add_argument("--only", choices=["decode", "extend"], default=None, help="one kernel's cases")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     ceil = measure_ceilings()
@@ -194,10 +195,13 @@ def main(argv=None) -> None:
         flush=True,
     )
     sweep = not args.no_sweep
-    rows = bench_decode(rng, ceil, 64, 2048, sweep)
-    rows += bench_decode(rng, ceil, 4, 16384, sweep)
-    rows += bench_extend(rng, ceil, 4, 2048, 0, sweep)
-    rows += bench_extend(rng, ceil, 1, 2048, 6144, sweep)
+    rows = []
+    if args.only in (None, "decode"):
+        rows += bench_decode(rng, ceil, 64, 2048, sweep)
+        rows += bench_decode(rng, ceil, 4, 16384, sweep)
+    if args.only in (None, "extend"):
+        rows += bench_extend(rng, ceil, 4, 2048, 0, sweep)
+        rows += bench_extend(rng, ceil, 1, 2048, 6144, sweep)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(ceilings=ceil.__dict__, rows=rows), f, indent=1)

@@ -13,7 +13,9 @@ One program per (sequence, block of BQ new tokens, E q heads of one kv group) wa
 from position 0 to the last one its block sees, BK at a time, with an online softmax (flash
 attention); the E heads share each key block it loads, so the tile has BQ·E rows. Key blocks
 wholly before the first query need no causal mask and take a loop of their own. Programs past
-a sequence's last new token exit at once.
+a sequence's last new token exit at once. Programs start longest first: the grid runs the
+last query blocks (which see the most keys) of every sequence and head before earlier ones,
+so the final wave on the GPU is short work rather than a few long programs.
 
 Example, G = 4, BQ = 2: a sequence with prefix [a b c d e] in pages [7, 3] and new tokens
 [f g] at rows 9, 10 is one block of queries at positions 5 and 6; its keys are slots
@@ -62,7 +64,10 @@ def _extend_kernel(
     precision,
 ):
     del o_init_ref  # only there so that rows no program writes keep their zeros
-    s, qb, hb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    # Grid (head blocks, sequences, query blocks), the first axis fastest; query blocks in
+    # reverse so the longest programs start first.
+    hb, s = pl.program_id(0), pl.program_id(1)
+    qb = pl.num_programs(2) - 1 - pl.program_id(2)
     q_len = q_lens_ref[s]
 
     @pl.when(qb * block_q < q_len)
@@ -180,16 +185,16 @@ def ragged_extend_attention(
         scale=scale,
         precision=dot_precision(q.dtype),
     )
-    full = lambda shape: pl.BlockSpec(shape, lambda s, b, n: (0,) * len(shape))
+    full = lambda shape: pl.BlockSpec(shape, lambda n, s, b: (0,) * len(shape))
     return pl.pallas_call(
         kernel,
-        grid=(S, cdiv(max_q_len, block_q), N // E),
+        grid=(N // E, S, cdiv(max_q_len, block_q)),
         in_specs=[
             full((1,)),
             full((S,)),
             full((S,)),
             full((S,)),
-            pl.BlockSpec((None, P_pad), lambda s, b, n: (s, 0)),
+            pl.BlockSpec((None, P_pad), lambda n, s, b: (s, 0)),
             full(q.shape),
             full(k_pool.shape),
             full(v_pool.shape),
