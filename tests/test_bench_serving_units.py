@@ -107,8 +107,12 @@ def test_table_prints_every_figure_and_parses_back():
 def test_record_json_round_trip(tmp_path):
     records = _records(np.random.default_rng(2), 5)
     report.write_records(tmp_path / "r.jsonl", records)
-    report.write_results(tmp_path / "r.json", summarize(records, 1), {}, tmp_path / "r.jsonl")
-    results = report.read_results(tmp_path / "r.json")
+    settings = {"request_rate": math.inf}
+    report.write_results(tmp_path / "r.json", summarize(records, 1), settings, tmp_path / "r.jsonl")
+    text = (tmp_path / "r.json").read_text()
+    assert "Infinity" not in text and "NaN" not in text  # strict JSON
+    results = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the results"))
+    assert results["settings"]["request_rate"] == "inf"
     assert report.read_records(results, tmp_path / "r.json") == records
     assert report.baseline_gpu_s(tmp_path / "r.json") == results["summary"]["gpu_s_per_request"]
 

@@ -81,7 +81,7 @@ def write_results(
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "label": settings.get("label") or Path(path).stem,
         "summary": {k: _finite(v) for k, v in summary.items()},
-        "settings": settings,
+        "settings": {k: _finite(v, "inf") for k, v in settings.items()},
         "details_file": str(Path(details_path).resolve()) if details_path else None,
     }
     Path(path).write_text(json.dumps(body, indent=2) + "\n")
@@ -130,5 +130,6 @@ def baseline_gpu_s(path: str | Path) -> float:
     return float(value)
 
 
-def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else value
+def _finite(value: Any, instead: Any = None) -> Any:
+    """`value`, or `instead` for a non-finite float (strict JSON has no NaN or Infinity)."""
+    return instead if isinstance(value, float) and not math.isfinite(value) else value
