@@ -207,6 +207,10 @@ def test_poisson_arrivals():
         (["--max-concurrency", "0"], "--max-concurrency must be >= 1"),
         (["--duration", "5"], "needs --max-concurrency"),
         (["--warmup-requests", "-1"], "--warmup-requests"),
+        (["--random-input-len", "0"], "--random-input-len must be >= 1"),
+        (["--mt-turns", "0"], "--mt-turns must be >= 1"),
+        (["--gsp-output-len", "-2"], "--gsp-output-len must be >= 1"),
+        (["--random-range-ratio", "2"], "--random-range-ratio must be within 0..1"),
         (["--baseline", "/no/such.json"], "does not exist"),
     ],
 )

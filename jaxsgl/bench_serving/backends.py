@@ -84,7 +84,7 @@ class NativeTarget(Target):
         ids, text = chunk.get("output_ids"), chunk.get("text") or ""
         if ids is not None:
             grew = len(ids) > len(reply.output_ids or ())
-            reply.output_ids = list(ids)
+            reply.output_ids = ids
         else:
             grew = len(text) > len(reply.text)
         if grew:

@@ -129,10 +129,14 @@ def check_args(args: argparse.Namespace) -> None:
     if args.dataset_name == "sharegpt" and not args.dataset_path:
         raise ValueError("--dataset-name sharegpt needs --dataset-path (a ShareGPT JSON file)")
     positive = ["num_prompts", "mt_num_sessions", "num_devices", "sharegpt_output_len"]
+    positive += [name for name in vars(args) if name.startswith(("random_", "gsp_", "mt_"))]
+    positive.remove("random_range_ratio")
     for name in positive:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if not 0 <= args.random_range_ratio <= 1:
+        raise ValueError(f"--random-range-ratio must be within 0..1, got {args.random_range_ratio}")
     if args.warmup_requests < 0:
         raise ValueError(f"--warmup-requests must be >= 0, got {args.warmup_requests}")
     if args.temperature < 0:
