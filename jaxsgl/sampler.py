@@ -271,6 +271,7 @@ def build_sampling_inputs(
     eos_token_ids: Sequence[int] = (),
     top_logprobs_num: int = 0,
     min_width: int = 8,
+    device_put: bool = True,
 ) -> SamplingInputs:
     """Device inputs for `rows`, padded to `num_rows` with greedy rows that have no penalties.
 
@@ -331,7 +332,9 @@ def build_sampling_inputs(
         constrained=constrained,
         top_logprobs_num=top_logprobs_num,
     )
-    return jax.device_put(inputs)  # one transfer for every leaf
+    # One transfer for every leaf; numpy where the step runs across processes (each feeds
+    # the same host values to its own devices).
+    return jax.device_put(inputs) if device_put else inputs
 
 
 _PADDING_ROW = RowState(params=SamplingParams(temperature=0.0), seed=0)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from jaxsgl.distributed import init_distributed, shutdown_distributed
 from jaxsgl.engine.options import GRAMMAR_BACKENDS, SCHEDULE_POLICIES, EngineOptions
 from jaxsgl.model.loader import DEFAULT_MODEL, DTYPES, LOAD_FORMATS
 
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="wait for each decode step before preparing the next",
     )
+    a("--nnodes", type=int, default=d.nnodes, help="hosts one mesh spans (jax.distributed)")
+    a("--node-rank", type=int, default=d.node_rank, help="this host's rank; 0 serves HTTP")
+    a("--dist-init-addr", default=None, help="host:port of rank 0 (its port + 1 is used too)")
     a(
         "--num-continuous-decode-steps",
         type=int,
@@ -144,6 +148,9 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         disable_overlap_schedule=args.disable_overlap_schedule,
         disable_jump_forward=args.disable_jump_forward,
         grammar_backend=args.grammar_backend,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
         num_continuous_decode_steps=args.num_continuous_decode_steps,
         random_seed=args.random_seed,
         served_model_name=args.served_model_name,
@@ -162,6 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLogger().level))
     try:
         options = options_from_args(args)
+        init_distributed(options.nnodes, options.node_rank, options.dist_init_addr)
+        if options.node_rank > 0:  # another host of the mesh: no server, follow rank 0
+            from jaxsgl.engine.follower import run_follower
+
+            run_follower(options)
+            shutdown_distributed(options.nnodes)
+            return 0
         from jaxsgl.generator import Generator
         from serving.app import create_app
 
@@ -185,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         generator.shutdown()
+        shutdown_distributed(options.nnodes)
     return 0
 
 

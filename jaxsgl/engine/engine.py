@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from jaxsgl.constrained.grammar import GrammarBackend
+from jaxsgl.distributed import Followers
 from jaxsgl.engine.model_runner import (
     ModelRunner,
     PendingStep,
@@ -105,6 +106,10 @@ class Engine:
         self.eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
         self.context_length = context_length_for(options, cfg)
         num_pages = kv_pages_for(options, self.loaded, self.context_length)
+        self.followers = None
+        if options.nnodes > 1:  # the other hosts build the same pool and launch every step
+            self.followers = Followers(options.dist_init_addr, options.nnodes - 1)
+            self.followers.send(("init", num_pages))
         self.runner = ModelRunner(
             self.loaded,
             num_pages,
@@ -112,6 +117,7 @@ class Engine:
             cfg.vocab_size,
             self.eos_ids,
             attention_backend=options.attention_backend,
+            followers=self.followers,
         )
         self.scheduler = Scheduler(options, num_pages, self.context_length)
         if options.warmup:
@@ -164,6 +170,8 @@ class Engine:
         self._inbox.put(("wake", None))
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self.followers is not None:
+            self.followers.close()
 
     # -- engine thread ------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -9,6 +9,7 @@ common ones at start behind a progress bar, and the persistent XLA cache makes r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 from collections.abc import Sequence
@@ -21,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
+from jaxsgl.distributed import Followers, to_host
 from jaxsgl.model.attention_backend import AttentionBackend, default_backend
 from jaxsgl.model.forward_batch import (
     ForwardBatch,
@@ -90,6 +92,7 @@ class PendingStep:
     targets: tuple | None
     num_chunks: int
     num_steps: int = 1
+    seq: int = 0  # launch number (followers on other hosts know launches by it)
 
     @property
     def last_tokens(self) -> jax.Array:
@@ -116,7 +119,10 @@ class ModelRunner:
         *,
         attention_backend: str | None = None,
         unroll_layers: bool = False,
+        followers: Followers | None = None,
     ):
+        """`followers`: processes on other hosts that launch every step this runner launches
+        (this one is the leader of a multi-host mesh; see `jaxsgl.distributed`)."""
         self.loaded = loaded
         self.page_size = page_size
         self.num_pages = num_pages
@@ -138,6 +144,9 @@ class ModelRunner:
         self.graphdef, self.state = nnx.split(loaded.model)
         self.num_steps = 0
         self._zero_tokens: dict[int, jax.Array] = {}
+        self.followers = followers
+        self.multiprocess = jax.process_count() > 1
+        self._launches = itertools.count()
 
     @property
     def num_compiled(self) -> int:
@@ -186,6 +195,7 @@ class ModelRunner:
             num_rows=shape.S,
             eos_token_ids=self.eos_token_ids,
             top_logprobs_num=k,
+            device_put=not self.multiprocess,
         )
         sample_rows, targets = self._rows(chunks, shape, target_ids)
         token_src = np.full(shape.T, -1, np.int32)
@@ -207,6 +217,9 @@ class ModelRunner:
         """Dispatch the step to the device and return at once (JAX runs it asynchronously).
         `prev` is the launched step whose sampled tokens fill the placeholders."""
         S = step.batch.q_start.shape[0]
+        seq = next(self._launches)
+        if self.followers is not None:
+            self.followers.send(("launch", seq, step, None if prev is None else prev.seq))
         prev_tokens = prev.last_tokens if prev is not None else self._no_tokens(S)
         assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
         out, tgt, self.kv = _step(
@@ -224,7 +237,7 @@ class ModelRunner:
             step.num_steps,
         )
         self.num_steps += step.num_steps
-        return PendingStep(out, tgt, step.num_chunks, step.num_steps)
+        return PendingStep(out, tgt, step.num_chunks, step.num_steps, seq)
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched single step and copy its outputs to the host."""
@@ -234,8 +247,8 @@ class ModelRunner:
     def collect_steps(self, pending: PendingStep) -> list[StepResult]:
         """Wait for a launched step and copy its outputs to the host, one result per step."""
         n = pending.num_chunks
-        out = jax.device_get(pending.out)
-        tgt = jax.device_get(pending.targets) if pending.targets is not None else (None,) * 3
+        out = self._fetch(pending.out)
+        tgt = self._fetch(pending.targets) if pending.targets is not None else (None,) * 3
         if pending.num_steps == 1:
             out = jax.tree.map(lambda x: x[None], out)
         return [
@@ -248,6 +261,10 @@ class ModelRunner:
             )  # fmt: skip
             for i in range(pending.num_steps)
         ]
+
+    def _fetch(self, tree):
+        """Host copies of replicated outputs (all copies started at once on one process)."""
+        return jax.tree.map(to_host, tree) if self.multiprocess else jax.device_get(tree)
 
     def _no_tokens(self, S: int) -> jax.Array:
         """Zeros standing in for a previous step's tokens, placed like a step's outputs so

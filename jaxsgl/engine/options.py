@@ -17,6 +17,9 @@ class EngineOptions:
     dtype: str = "auto"
     tp_size: int = 1
     dp_size: int = 1
+    nnodes: int = 1  # hosts one mesh spans (jax.distributed); rank 0 leads, the rest follow
+    node_rank: int = 0
+    dist_init_addr: str | None = None  # host:port of rank 0's coordinator
     context_length: int | None = None  # None: the model's own maximum
     mem_fraction_static: float = 0.85  # accelerators: share of free memory for weights + KV
     max_total_tokens: int | None = None  # KV pool size in tokens; None: from memory
@@ -47,10 +50,14 @@ class EngineOptions:
             )
         for name in (
             "tp_size", "dp_size", "max_running_requests", "page_size",
-            "num_continuous_decode_steps",
+            "num_continuous_decode_steps", "nnodes",
         ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.nnodes > 1 and (self.dist_init_addr is None or ":" not in self.dist_init_addr):
+            raise ValueError(f"nnodes={self.nnodes} needs dist_init_addr host:port")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank {self.node_rank} is not in [0, {self.nnodes})")
         if self.grammar_backend not in GRAMMAR_BACKENDS:
             raise ValueError(
                 f"grammar_backend {self.grammar_backend!r} is not one of {GRAMMAR_BACKENDS}"
