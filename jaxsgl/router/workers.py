@@ -64,8 +64,9 @@ class WorkerSet:
         if url in self.workers:
             raise ValueError(f"worker {url} is already registered (pool {self.workers[url].pool})")
         worker = self.workers[url] = Worker(url, pool)
-        self.policies.setdefault(pool, make_policy(self.policy_name))
-        self.retries_total.setdefault(pool, 0)
+        if pool not in self.policies:
+            self.policies[pool] = make_policy(self.policy_name)
+            self.retries_total[pool] = 0
         logger.info("added worker %s to pool %s", url, pool)
         return worker
 
