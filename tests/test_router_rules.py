@@ -1,4 +1,4 @@
-"""The router's grading rules and the request features they read."""
+"""The router's grading rules, the request features they read, and its flags."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from jaxsgl.router.__main__ import build, build_parser
+from jaxsgl.router.app import ROUTER
 from jaxsgl.router.features import RequestFeatures, request_features, routing_text
 from jaxsgl.router.rules import Rules, load_rules, parse_rules
 
@@ -114,3 +116,33 @@ def test_load_rules_from_a_file(tmp_path):
         load_rules(path)
     with pytest.raises(ValueError, match="cannot read rules file"):
         load_rules(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pool-workers", "light"], "wants POOL=URL"),
+        (["--worker-urls", "localhost:30000"], "http:// or https://"),
+        (["--worker-urls", "http://a:1", "http://a:1/"], "already registered"),
+        (["--rules", "/nonexistent/rules.json"], "cannot read rules file"),
+        (["--health-check-interval", "0"], "must be positive"),
+        (["--max-retries", "-1"], "--max-retries >= 0"),
+    ],
+)
+def test_bad_router_flags_are_value_errors(flags, message):
+    with pytest.raises(ValueError) as e:
+        build(build_parser().parse_args(flags))
+    assert message in str(e.value)
+
+
+def test_router_flags_put_workers_in_pools(tmp_path):
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"default_pool": "main", "rules": []}))
+    args = ["--worker-urls", "http://a:1/", "--pool-workers", "x=http://b:1,http://c:1"]
+    app = build(build_parser().parse_args([*args, "--rules", str(rules)]))
+    workers = app[ROUTER].workers
+    assert {u: w.pool for u, w in workers.workers.items()} == {
+        "http://a:1": "main",
+        "http://b:1": "x",
+        "http://c:1": "x",
+    }
