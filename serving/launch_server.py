@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none"],
         help="constrained decoding backend (none yet)",
     )
+    a(
+        "--namespace-max-running",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="at most N running requests of cache namespace NAME (repeatable)",
+    )
+    a(
+        "--warmup-prompts",
+        default=None,
+        metavar="FILE",
+        help='JSON list of prompts (or {"text", "namespace"}) to cache and pin at start',
+    )
     a("--api-key", default=None)
     a("--served-model-name", default=None)
     a("--chat-template", default=None, help="a Jinja chat template or a file holding one")
@@ -107,6 +120,16 @@ def _milliseconds(text: str) -> float:
     if ms < 0:
         raise argparse.ArgumentTypeError(f"negative duration: {text!r}")
     return ms
+
+
+def _namespace_limits(items: list[str]) -> tuple[tuple[str, int], ...]:
+    limits = []
+    for item in items:
+        name, sep, n = item.rpartition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--namespace-max-running takes NAME=N, got {item!r}")
+        limits.append((name, int(n)))
+    return tuple(limits)
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
@@ -141,6 +164,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         chat_template=template,
         warmup=not args.skip_server_warmup,
         log_level=args.log_level,
+        namespace_max_running=_namespace_limits(args.namespace_max_running),
     )
 
 
@@ -155,8 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         options = options_from_args(args)
         from jaxsgl.generator import Generator
         from serving.app import create_app
+        from serving.cache_api import load_warmup_prompts, warm_up
 
+        prompts = load_warmup_prompts(args.warmup_prompts) if args.warmup_prompts else []
         generator = Generator(**_as_kwargs(options), progress=True)
+        warm_up(generator, prompts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

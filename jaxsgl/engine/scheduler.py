@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 
 from jaxsgl.engine.kv_manager import KVManager
 from jaxsgl.engine.options import EngineOptions
@@ -45,6 +45,7 @@ class Scheduler:
         self.min_new_token_ratio = min(base, 0.15 * options.schedule_conservativeness)
         self.new_token_ratio = base
         self.num_retractions = 0
+        self.namespace_limits = dict(options.namespace_max_running)
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -103,9 +104,12 @@ class Scheduler:
         matches = {id(r): self.kv.match(r, limits[id(r)]) for r in self.waiting}
         reserved = self._decode_reservation()
         started: set[tuple] = set()
+        per_namespace = Counter(r.namespace for r in self.running)
         for req in order_waiting(self.options.schedule_policy, list(self.waiting), matches):
             if budget <= 0 or len(self.running) >= self.options.max_running_requests:
                 break
+            if per_namespace[req.namespace] >= self.namespace_limits.get(req.namespace, 1 << 62):
+                continue  # its namespace is at its limit; other namespaces may still start
             match = matches[id(req)]
             if match.node.removed:  # evicted by an admission earlier in this loop
                 match = self.kv.match(req, limits[id(req)])
@@ -131,6 +135,7 @@ class Scheduler:
                 req.num_cached_tokens, req.admitted_once = match.num_tokens, True
             req.status = Status.RUNNING
             self.running.append(req)
+            per_namespace[req.namespace] += 1
             budget -= self._add_extend(batch, req, take)
             reserved += future
 
@@ -224,4 +229,7 @@ class Scheduler:
             assert not req.pages and req.last_node is None and req.kv_len == 0, req.rid
         for req in self.running:
             assert req.status is Status.RUNNING, req.rid
+        running = Counter(r.namespace for r in self.running)
+        for namespace, limit in self.namespace_limits.items():
+            assert running[namespace] <= limit, (namespace, running[namespace], limit)
         self.kv.check_integrity(self.running)
