@@ -122,6 +122,10 @@ class ProgramState:
             raise KeyError(f"no variable {name!r}; the program set {sorted(self._vars)}")
         return self._vars[name]
 
+    def __setitem__(self, name: str, value: Any) -> None:
+        """Set a variable from Python (a tool's result, say); it adds no text."""
+        self._set(name, value, None)
+
     def __contains__(self, name: str) -> bool:
         return name in self._vars
 
