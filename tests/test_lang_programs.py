@@ -3,17 +3,22 @@ in-process Generator and a RuntimeEndpoint on the shared server — with identic
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import jsonschema
 import pytest
+from aiohttp import web
 from lang_fixtures import SERVER_OPTIONS
+from server_fixture import free_port
 
 import jaxsgl as sgl
 from jaxsgl.lang import ProgramState
 from jaxsgl.tokenizer import load_tokenizer
+from serving.app import create_app
 
 pytest_plugins = ["server_fixture", "lang_fixtures"]
 pytestmark = pytest.mark.slow
@@ -96,7 +101,8 @@ def test_fork_computes_the_shared_prefix_once_and_join_gathers(backends):
         prefix = state["prefix_tokens"]
         assert prefix > 2 * PAGE
         # Every branch found the whole pages of the shared prefix in the cache.
-        assert all(c >= prefix // PAGE * PAGE for c in state["cached"]), state["cached"]
+        # (A prompt that is all prefix still computes its last token: the `- 1`.)
+        assert all(c >= (prefix - 1) // PAGE * PAGE for c in state["cached"]), state["cached"]
         facts = state["fact"]
         assert isinstance(facts, list) and len(facts) == 3 and all(facts)
 
@@ -228,3 +234,30 @@ def test_server_options_match_the_generator(server):
     info = server.server_info()
     for key in ("max_total_tokens", "context_length", "chunked_prefill_size"):
         assert info[key] == SERVER_OPTIONS[key], key
+
+
+@pytest.fixture
+def keyed_url(lang_generator):
+    """The Generator behind an app that wants an API key, served from a thread."""
+    app = create_app(lang_generator, model_name="keyed", api_key="secret")
+    loop = asyncio.new_event_loop()
+    runner = web.AppRunner(app)
+    loop.run_until_complete(runner.setup())
+    port = free_port()
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join()
+    loop.run_until_complete(runner.cleanup())
+    loop.close()
+
+
+def test_endpoint_sends_its_api_key(keyed_url):
+    with pytest.raises(ValueError, match="401"):
+        sgl.RuntimeEndpoint(keyed_url)
+    endpoint = sgl.RuntimeEndpoint(keyed_url, api_key="secret")
+    assert endpoint.tokenize("Hello", False) == endpoint.tokenize("Hello", True)  # no bos
+    state = few_shot_qa.run(question="What is 2 + 2?", max_new_tokens=2, backend=endpoint)
+    assert state.get_meta_info("answer")["completion_tokens"] >= 1
