@@ -612,3 +612,16 @@ def test_namespace_max_running_rejects_bad_limits():
         EngineOptions(namespace_max_running=(("finance", 0),))
     with pytest.raises(ValueError, match="not \\(str, int\\)"):
         EngineOptions(namespace_max_running=(("finance", "2"),))
+
+
+def test_add_refuses_a_request_that_only_fits_in_pinned_pages():
+    sim = Sim(9, page_size=4)  # eight usable pages (page 0 is never handed out)
+    system = list(range(1, 17))  # four pages
+    _cache(sim, system)
+    assert sim.scheduler.kv.cache.pin(system) == 16
+    with pytest.raises(ValueError, match="4 of them pinned"):
+        sim.add([7] * 17, 3)  # five pages: four are free of pins
+    sim.add([7] * 13, 3)  # four pages fit beside the pin
+    sim.run()
+    sim.scheduler.kv.cache.unpin(system)
+    sim.check_done()

@@ -50,10 +50,12 @@ class Scheduler:
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         need = self.kv.pages_for(req.num_tokens + req.params.max_new_tokens)
-        if need > self.kv.num_usable_pages:
+        pinned = self.kv.cache.num_pinned_pages  # never evicted: a request must fit beside them
+        if need > self.kv.num_usable_pages - pinned:
             raise ValueError(
                 f"request {req.rid}: {req.num_tokens} prompt + {req.params.max_new_tokens} new "
                 f"tokens need {need} pages, but the KV pool holds {self.kv.num_usable_pages}"
+                + (f", {pinned} of them pinned" if pinned else "")
             )
         self.waiting.append(req)
 
