@@ -175,7 +175,7 @@ def test_streamed_run_follows_the_text_and_reraises_errors(be):
 
     state = prog.run(False, stream=True, backend=be)
     assert list(state.text_iter("g")) == ["<", "2", ">"]
-    assert state.text() == "ab<2>"
+    assert state.text() == "ab<2>" and list(state.text_iter()) == []
     pieces = asyncio.run(_collect(prog.run(False, stream=True, backend=be).text_async_iter()))
     assert "".join(pieces) == "ab<2>"
     failed = prog.run(True, stream=True, backend=be)

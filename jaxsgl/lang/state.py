@@ -152,8 +152,8 @@ class ProgramState:
         return [dict(m) for m in self._messages]
 
     def text_iter(self, var_name: str | None = None) -> Iterator[str]:
-        """The text as it is produced (a streamed run), or all of it at once; with `var_name`
-        only that variable's text."""
+        """The text as it is produced (a streamed run: each piece goes to one reader), or all
+        of it at once; with `var_name` only that variable's text."""
         if self._pieces is None:
             self._wait()
             yield self._vars.get(var_name, "") if var_name else self._text
@@ -162,6 +162,7 @@ class ProgramState:
             var, text = item
             if var_name is None or var == var_name:
                 yield text
+        self._pieces.put(_END)  # pieces go to one reader; a later one just sees the end
         self._wait()
 
     async def text_async_iter(self, var_name: str | None = None) -> AsyncIterator[str]:
