@@ -88,3 +88,10 @@ def test_warmup_prompts_file_errors_name_the_problem(tmp_path, content, message)
     path.write_text(content)
     with pytest.raises(ValueError, match=message):
         load_warmup_prompts(path)
+
+
+def test_server_refuses_an_unreadable_warmup_file_before_loading_the_model(tmp_path, capsys):
+    from serving.launch_server import main
+
+    assert main(["--warmup-prompts", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read warm-up prompts" in capsys.readouterr().err
