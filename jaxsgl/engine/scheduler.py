@@ -110,7 +110,8 @@ class Scheduler:
         for req in order_waiting(self.options.schedule_policy, list(self.waiting), matches):
             if budget <= 0 or len(self.running) >= self.options.max_running_requests:
                 break
-            if per_namespace[req.namespace] >= self.namespace_limits.get(req.namespace, 1 << 62):
+            cap = self.namespace_limits.get(req.namespace)
+            if cap is not None and per_namespace[req.namespace] >= cap:
                 continue  # its namespace is at its limit; other namespaces may still start
             match = matches[id(req)]
             if match.node.removed:  # evicted by an admission earlier in this loop
