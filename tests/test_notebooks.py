@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import nbformat
@@ -22,9 +23,11 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_runs_clean(path: Path):
     nb = nbformat.read(path, as_version=4)
-    # The kernel imports this checkout, on the CPU, without the suite's fake devices.
+    # The kernel imports this checkout, on the CPU, without the suite's fake devices; its
+    # kernel spec runs `python`: this interpreter, even from a venv that is not activated.
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    path = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), "PATH": path}
     client = NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": ROOT}}
     )
