@@ -5,8 +5,11 @@ from jaxsgl import xla_flags
 # Before anything imports jax and starts a backend: XLA reads its flags once.
 xla_flags.apply_defaults()
 
+from jaxsgl import lang  # noqa: E402 - light: no jax
+from jaxsgl.lang import *  # noqa: E402, F403 - `import jaxsgl as sgl; sgl.gen(...)`
+
 __version__ = "0.1.0"
-__all__ = ["Generator"]
+__all__ = ["Generator", *lang.__all__]  # noqa: F405
 
 
 def __getattr__(name: str):

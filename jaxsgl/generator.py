@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import queue
 import uuid
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from jaxsgl.engine.engine import Engine
@@ -204,30 +204,59 @@ class Generator:
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests are running."""
-        done: queue.SimpleQueue = queue.SimpleQueue()
+        sched = self.engine.scheduler
+        return self._on_engine(lambda: not sched.has_work and sched.kv.flush() >= 0)
 
-        def flush():
-            busy = self.engine.scheduler.has_work
-            done.put(not busy and (self.engine.scheduler.kv.flush() >= 0))
+    def pin_prefix(
+        self, prompt: str | None = None, input_ids: list[int] | None = None, namespace: str = ""
+    ) -> int:
+        """Compute `prompt`'s KV if it is not cached yet and pin its whole pages in the radix
+        cache of `namespace`: no eviction or flush drops them until `unpin_prefix`. Returns
+        the pinned length in tokens (a multiple of the page size; 0 for a prompt shorter
+        than a page). Each pin needs its own unpin."""
+        [ids], _ = self._prompt_ids(prompt, input_ids)
+        page = self.options.page_size
+        cache = self.engine.scheduler.kv.cache
+        for _ in range(3):  # a flood of requests may evict it between the prefill and the pin
+            self.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, namespace=namespace)
+            pinned = self._on_engine(lambda: cache.pin(ids, namespace))
+            if pinned == len(ids) // page * page or cache.disable:
+                return pinned
+            self._on_engine(lambda: cache.unpin(ids, namespace))
+        raise RuntimeError(f"could not pin a prefix of {len(ids)} tokens: the cache is too busy")
 
-        self.engine.run_on_engine_thread(flush)
-        return done.get()
+    def unpin_prefix(
+        self, prompt: str | None = None, input_ids: list[int] | None = None, namespace: str = ""
+    ) -> None:
+        """Release one `pin_prefix` of the same prompt; its pages become evictable again.
+        ValueError when nothing of it is pinned."""
+        [ids], _ = self._prompt_ids(prompt, input_ids)
+        cache = self.engine.scheduler.kv.cache
+        self._on_engine(lambda: cache.unpin(ids, namespace))
 
     def check_integrity(self) -> dict[str, int]:
         """Run every manager's integrity check on the engine thread; raises on a violation."""
-        done: queue.SimpleQueue = queue.SimpleQueue()
 
         def check():
-            try:
-                self.engine.check_integrity()
-                s = self.engine.scheduler
-                done.put({"running": len(s.running), "waiting": len(s.waiting)})
-            except AssertionError as e:
-                done.put(e)
+            self.engine.check_integrity()
+            s = self.engine.scheduler
+            return {"running": len(s.running), "waiting": len(s.waiting)}
 
-        self.engine.run_on_engine_thread(check)
-        out = done.get()
-        if isinstance(out, Exception):
+        return self._on_engine(check)
+
+    def _on_engine(self, fn: Callable[[], Any]) -> Any:
+        """`fn()` run on the engine thread between steps; its result, or its exception."""
+        done: queue.SimpleQueue = queue.SimpleQueue()
+
+        def call():
+            try:
+                done.put((True, fn()))
+            except Exception as e:  # handed to the caller's thread
+                done.put((False, e))
+
+        self.engine.run_on_engine_thread(call)
+        ok, out = done.get()
+        if not ok:
             raise out
         return out
 

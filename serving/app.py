@@ -8,7 +8,7 @@ import logging
 from aiohttp import web
 
 from jaxsgl.generator import Generator
-from serving import native_api, openai_api
+from serving import cache_api, native_api, openai_api
 from serving.errors import auth_middleware, error_middleware
 from serving.metrics import Metrics
 from serving.openapi import openapi_spec
@@ -25,7 +25,7 @@ def create_app(
     drain_seconds: float = 30.0,
 ) -> web.Application:
     engine = generator.engine
-    metrics = Metrics(engine.metrics, engine.stats.gen_throughput)
+    metrics = Metrics(engine.metrics, engine.stats.gen_throughput, engine.namespace_metrics)
     app = web.Application(
         middlewares=[error_middleware(), auth_middleware(api_key)], client_max_size=64 * 2**20
     )
@@ -42,6 +42,9 @@ def create_app(
     app.router.add_get("/server_info", native_api.server_info)
     app.router.add_get("/get_server_info", native_api.server_info)
     app.router.add_post("/flush_cache", native_api.flush_cache)
+    app.router.add_post("/pin_prefix", cache_api.pin_prefix)
+    app.router.add_post("/unpin_prefix", cache_api.unpin_prefix)
+    app.router.add_post("/tokenize", cache_api.tokenize)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
     app.on_shutdown.append(_drain)

@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
         choices=list(GRAMMAR_BACKENDS),
         help="constrained decoding backend; none refuses regex, json_schema and ebnf requests",
     )
+    a(
+        "--namespace-max-running",
+        action="append",
+        default=[],
+        metavar="NAME=N",
+        help="at most N running requests of cache namespace NAME (repeatable)",
+    )
+    a(
+        "--warmup-prompts",
+        default=None,
+        metavar="FILE",
+        help='JSON list of prompts (or {"text", "namespace"}) to cache and pin at start',
+    )
     a("--api-key", default=None)
     a("--served-model-name", default=None)
     a("--chat-template", default=None, help="a Jinja chat template or a file holding one")
@@ -118,6 +131,16 @@ def _milliseconds(text: str) -> float:
     if ms < 0:
         raise argparse.ArgumentTypeError(f"negative duration: {text!r}")
     return ms
+
+
+def _namespace_limits(items: list[str]) -> tuple[tuple[str, int], ...]:
+    limits = []
+    for item in items:
+        name, sep, n = item.rpartition("=")
+        if not sep or not n.strip().isdigit():
+            raise ValueError(f"--namespace-max-running takes NAME=N, got {item!r}")
+        limits.append((name, int(n)))
+    return tuple(limits)
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
@@ -157,6 +180,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         chat_template=template,
         warmup=not args.skip_server_warmup,
         log_level=args.log_level,
+        namespace_max_running=_namespace_limits(args.namespace_max_running),
     )
 
 
@@ -178,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from jaxsgl.generator import Generator
         from serving.app import create_app
+        from serving.cache_api import load_warmup_prompts, warm_up
 
+        prompts = load_warmup_prompts(args.warmup_prompts) if args.warmup_prompts else []
         generator = Generator(**_as_kwargs(options), progress=True)
+        warm_up(generator, prompts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -52,8 +52,13 @@ _TOTALS = {
 
 
 class _EngineCollector(Collector):
-    def __init__(self, snapshot: Callable[[], dict], throughput: Callable[[], float]):
-        self.snapshot, self.throughput = snapshot, throughput
+    def __init__(
+        self,
+        snapshot: Callable[[], dict],
+        throughput: Callable[[], float],
+        namespaces: Callable[[], dict[str, tuple[int, int]]],
+    ):
+        self.snapshot, self.throughput, self.namespaces = snapshot, throughput, namespaces
 
     def collect(self) -> Iterator:
         m = self.snapshot()
@@ -75,6 +80,25 @@ class _EngineCollector(Collector):
         for device, used in device_memory():
             memory.add_metric([device], used)
         yield memory
+        yield from self._namespace_families()
+
+    def _namespace_families(self) -> Iterator:
+        """Prompt and cached tokens per cache namespace (the unnamed one is `default`)."""
+        prompt = CounterMetricFamily(
+            "sglang:namespace_prompt_tokens",
+            "Prompt tokens of finished requests, per namespace",
+            labels=["namespace"],
+        )
+        cached = CounterMetricFamily(
+            "sglang:namespace_cached_tokens",
+            "Prompt tokens served from the cache, per namespace",
+            labels=["namespace"],
+        )
+        for namespace, (p, c) in sorted(self.namespaces().items()):
+            prompt.add_metric([namespace or "default"], p)
+            cached.add_metric([namespace or "default"], c)
+        yield prompt
+        yield cached
 
 
 def device_memory() -> list[tuple[str, float]]:
@@ -95,9 +119,14 @@ def _process_rss() -> int:
 
 
 class Metrics:
-    def __init__(self, snapshot: Callable[[], dict], throughput: Callable[[], float]):
+    def __init__(
+        self,
+        snapshot: Callable[[], dict],
+        throughput: Callable[[], float],
+        namespaces: Callable[[], dict[str, tuple[int, int]]] = dict,
+    ):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(snapshot, throughput))
+        self.registry.register(_EngineCollector(snapshot, throughput, namespaces))
         h = lambda name, doc, buckets: Histogram(name, doc, buckets=buckets, registry=self.registry)
         self.e2e = h(
             "sglang:e2e_request_latency_seconds", "End-to-end request latency", LATENCY_BUCKETS

@@ -132,6 +132,7 @@ async def model_info(request: web.Request) -> web.Response:
             "is_generation": True,
             "context_length": engine.context_length,
             "vocab_size": engine.loaded.config.vocab_size,
+            **_chat_info(state.generator),
         }
     )
 
@@ -155,6 +156,15 @@ async def flush_cache(request: web.Request) -> web.Response:
     if not await asyncio.to_thread(state.generator.flush_cache):
         raise HTTPError(400, "cache not flushed: requests are running")
     return web.Response(text="Cache flushed.")
+
+
+def _chat_info(generator) -> dict:
+    """What a client needs to render the chat template itself (the frontend language)."""
+    tok = generator.tokenizer
+    if tok is None:
+        return {"chat_template": None}
+    bos, eos = tok.hf.bos_token, tok.hf.eos_token
+    return {"chat_template": tok.chat_template, "bos_token": bos, "eos_token": eos}
 
 
 def _version() -> str:

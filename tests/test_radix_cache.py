@@ -145,6 +145,21 @@ def test_pin_survives_evict_and_flush_until_unpinned():
     cache.check_integrity()
 
 
+def test_num_pinned_pages_counts_each_pinned_path_once():
+    cache = cache_with(2, ([1, 2, 3, 4, 5, 6], [1, 2, 3]), ([1, 2, 7, 8], [1, 4]), ([9, 9], [5]))
+    assert cache.num_pinned_pages == 0
+    cache.pin([1, 2, 3, 4, 5, 6])
+    cache.pin([1, 2, 7, 8])  # shares page 1 with the first pin
+    cache.pin([1, 2, 3, 4])  # nested inside the first: splits, adds nothing
+    assert cache.num_pinned_pages == 4  # pages 1, 2, 3 and 4; never 5
+    cache.unpin([1, 2, 3, 4, 5, 6])  # the deepest pin on that path
+    assert cache.num_pinned_pages == 3  # [1 2 3 4] and [1 2 7 8] still pinned: pages 1, 2, 4
+    cache.unpin([1, 2, 3, 4])
+    cache.unpin([1, 2, 7, 8])
+    assert cache.num_pinned_pages == 0
+    cache.check_integrity()
+
+
 def test_unpin_releases_the_deepest_pin_first():
     cache = cache_with(1, ([1, 2], [1, 2]))
     assert cache.pin([1, 2, 3]) == 2

@@ -589,3 +589,39 @@ def test_namespaces_share_no_cached_prefix():
     assert (other.num_cached_tokens, same.num_cached_tokens) == (0, 16)
     assert other.output_ids != same.output_ids  # the fake model's outputs depend on it too
     sim.check_done()
+
+
+def test_namespace_max_running_caps_one_namespace_and_lets_others_run():
+    sim = Sim(512, page_size=4, namespace_max_running=(("finance", 2),))
+    for i in range(6):
+        sim.add([i, i + 1, i + 2], 4, namespace="finance")
+    for i in range(4):
+        sim.add([i, i + 3, i + 5], 4)
+    peaks = {"finance": 0, "": 0}
+    while sim.scheduler.has_work:
+        assert sim.step() is not None
+        for ns in peaks:
+            running = sum(r.namespace == ns for r in sim.scheduler.running)
+            peaks[ns] = max(peaks[ns], running)
+    assert peaks == {"finance": 2, "": 4}  # the others were not held up behind finance
+    sim.check_done()
+
+
+def test_namespace_max_running_rejects_bad_limits():
+    with pytest.raises(ValueError, match="finance"):
+        EngineOptions(namespace_max_running=(("finance", 0),))
+    with pytest.raises(ValueError, match="not \\(str, int\\)"):
+        EngineOptions(namespace_max_running=(("finance", "2"),))
+
+
+def test_add_refuses_a_request_that_only_fits_in_pinned_pages():
+    sim = Sim(9, page_size=4)  # eight usable pages (page 0 is never handed out)
+    system = list(range(1, 17))  # four pages
+    _cache(sim, system)
+    assert sim.scheduler.kv.cache.pin(system) == 16
+    with pytest.raises(ValueError, match="4 of them pinned"):
+        sim.add([7] * 17, 3)  # five pages: four are free of pins
+    sim.add([7] * 13, 3)  # four pages fit beside the pin
+    sim.run()
+    sim.scheduler.kv.cache.unpin(system)
+    sim.check_done()

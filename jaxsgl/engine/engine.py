@@ -66,6 +66,8 @@ class EngineStats:
         self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
         self.itl = collections.deque(maxlen=4096)  # seconds between tokens, recent requests
+        # namespace -> [prompt tokens, cached prompt tokens] of its finished requests
+        self.namespaces: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
 
     def gen_throughput(self, window: float = 10.0) -> float:
         """Generated tokens per second over the last `window` seconds."""
@@ -367,6 +369,9 @@ class Engine:
             self.stats.num_requests += 1
             self.stats.prompt_tokens += len(req.prompt_ids)
             self.stats.cached_tokens += req.num_cached_tokens
+            counts = self.stats.namespaces[req.namespace]
+            counts[0] += len(req.prompt_ids)
+            counts[1] += req.num_cached_tokens
             self.stats.num_aborted += req.finish_reason.get("type") == "abort"
         emit(self, req, finished=True)
         self._requests.pop(req.rid, None)
@@ -406,6 +411,10 @@ class Engine:
             "jump_forward_tokens_total": st.jump_forward_tokens,
             **self._grammar_metrics(),
         }
+
+    def namespace_metrics(self) -> dict[str, tuple[int, int]]:
+        """Per namespace: (prompt tokens, cached prompt tokens) of its finished requests."""
+        return {ns: (p, c) for ns, (p, c) in list(self.stats.namespaces.items())}
 
     def _grammar_metrics(self) -> dict[str, float]:
         g = self._grammars

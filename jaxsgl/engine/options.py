@@ -42,6 +42,8 @@ class EngineOptions:
     warmup: bool = True  # compile the common step shapes at start
     compilation_cache_dir: str | None = None  # persistent XLA cache; None: ~/.cache/jaxsgl/xla
     log_level: str = "warning"
+    # At most N running requests per named namespace, e.g. (("finance", 8),); others unbounded.
+    namespace_max_running: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self):
         if self.schedule_policy not in SCHEDULE_POLICIES:
@@ -76,6 +78,11 @@ class EngineOptions:
             raise ValueError(
                 f"schedule_constraint_ms must be >= 0, got {self.schedule_constraint_ms}"
             )
+        for name, limit in self.namespace_max_running:
+            if not isinstance(name, str) or isinstance(limit, bool) or not isinstance(limit, int):
+                raise ValueError(f"namespace_max_running entry {(name, limit)!r} is not (str, int)")
+            if limit < 1:
+                raise ValueError(f"namespace_max_running for {name!r} must be >= 1, got {limit}")
         if not 0 < self.mem_fraction_static <= 1:
             raise ValueError(
                 f"mem_fraction_static must be in (0, 1], got {self.mem_fraction_static}"

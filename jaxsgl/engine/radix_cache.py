@@ -137,6 +137,7 @@ class RadixCache:
         self._num_evictable = 0
         self._heap = _LeafHeap()  # exactly the unlocked, unpinned, childless non-root nodes
         self._clock = itertools.count(1)  # LRU time: one tick per match/insert/pin
+        self._pinned: set[Node] = set()  # nodes with pin_count > 0 (splits keep their identity)
 
     @property
     def num_cached_pages(self) -> int:
@@ -150,6 +151,18 @@ class RadixCache:
     @property
     def num_locked_pages(self) -> int:
         return len(self._pages) - self._num_evictable
+
+    @property
+    def num_pinned_pages(self) -> int:
+        """Pages that pins hold: on pinned nodes and their ancestors. No eviction frees them,
+        so requests must fit in the rest of the pool. O(pinned path length)."""
+        seen: set[Node] = set()
+        for node in self._pinned:
+            for n in _path_to_root(node):
+                if n in seen:
+                    break
+                seen.add(n)
+        return sum(len(n.pages) for n in seen)
 
     @property
     def num_heap_steps(self) -> int:
@@ -283,6 +296,7 @@ class RadixCache:
         match = self.match_prefix(tokens, namespace)
         self.lock(match.node)
         match.node.pin_count += 1
+        self._pinned.add(match.node)
         return match.num_tokens
 
     def unpin(self, tokens: Tokens, namespace: str = "") -> None:
@@ -300,11 +314,13 @@ class RadixCache:
         if pinned.pin_count == 0:
             raise ValueError(f"unpin: no pinned prefix of these tokens in namespace {namespace!r}")
         pinned.pin_count -= 1
+        if pinned.pin_count == 0:
+            self._pinned.discard(pinned)
         self.unlock(pinned)
 
     def check_integrity(self) -> None:
         """Asserts every invariant of the tree, its counters and its heap. O(N): for tests."""
-        ps, seen, evictable, leaves = self.page_size, set(), 0, 0
+        ps, seen, evictable, leaves, pinned = self.page_size, set(), 0, 0, set()
         for root in self._roots.values():
             assert root.parent is None and not root.key and not root.pages and not root.removed
             assert root.heap_index == -1
@@ -312,6 +328,8 @@ class RadixCache:
             while stack:
                 node = stack.pop()
                 assert node.pin_count >= 0, node
+                if node.pin_count:
+                    pinned.add(node)
                 assert node.lock_ref >= node.pin_count + sum(
                     c.lock_ref for c in node.children.values()
                 ), node
@@ -330,6 +348,7 @@ class RadixCache:
                 evictable += len(node.pages) if node.lock_ref == 0 else 0
                 leaves += is_leaf
         assert seen == self._pages and evictable == self._num_evictable
+        assert pinned == self._pinned, (pinned, self._pinned)
         assert not (self.disable and self._pages)
         heap = self._heap.nodes
         assert len(heap) == leaves

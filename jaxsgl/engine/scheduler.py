@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 
 from jaxsgl.engine.kv_manager import KVManager
 from jaxsgl.engine.options import EngineOptions
@@ -46,14 +46,17 @@ class Scheduler:
         self.min_new_token_ratio = min(base, 0.15 * options.schedule_conservativeness)
         self.new_token_ratio = base
         self.num_retractions = 0
+        self.namespace_limits = dict(options.namespace_max_running)
 
     # -- queue ---------------------------------------------------------------------------
     def add(self, req: Request) -> None:
         need = self.kv.pages_for(req.num_tokens + req.params.max_new_tokens)
-        if need > self.kv.num_usable_pages:
+        pinned = self.kv.cache.num_pinned_pages  # never evicted: a request must fit beside them
+        if need > self.kv.num_usable_pages - pinned:
             raise ValueError(
                 f"request {req.rid}: {req.num_tokens} prompt + {req.params.max_new_tokens} new "
                 f"tokens need {need} pages, but the KV pool holds {self.kv.num_usable_pages}"
+                + (f", {pinned} of them pinned" if pinned else "")
             )
         self.waiting.append(req)
 
@@ -104,9 +107,13 @@ class Scheduler:
         matches = {id(r): self.kv.match(r, limits[id(r)]) for r in self.waiting}
         reserved = self._decode_reservation()
         started: set[tuple] = set()
+        per_namespace = Counter(r.namespace for r in self.running)
         for req in order_waiting(self.options.schedule_policy, list(self.waiting), matches):
             if budget <= 0 or len(self.running) >= self.options.max_running_requests:
                 break
+            cap = self.namespace_limits.get(req.namespace)
+            if cap is not None and per_namespace[req.namespace] >= cap:
+                continue  # its namespace is at its limit; other namespaces may still start
             match = matches[id(req)]
             if match.node.removed:  # evicted by an admission earlier in this loop
                 match = self.kv.match(req, limits[id(req)])
@@ -132,6 +139,7 @@ class Scheduler:
                 req.num_cached_tokens, req.admitted_once = match.num_tokens, True
             req.status = Status.RUNNING
             self.running.append(req)
+            per_namespace[req.namespace] += 1
             budget -= self._add_extend(batch, req, take)
             reserved += future
 
@@ -248,4 +256,7 @@ class Scheduler:
             assert not req.pages and req.last_node is None and req.kv_len == 0, req.rid
         for req in self.running:
             assert req.status is Status.RUNNING, req.rid
+        running = Counter(r.namespace for r in self.running)
+        for namespace, limit in self.namespace_limits.items():
+            assert running[namespace] <= limit, (namespace, running[namespace], limit)
         self.kv.check_integrity(self.running)
