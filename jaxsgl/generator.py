@@ -18,6 +18,7 @@ from typing import Any
 
 from jaxsgl.engine.engine import Engine
 from jaxsgl.engine.options import EngineOptions
+from jaxsgl.engine.replicas import Replicas
 from jaxsgl.engine.request import Request
 from jaxsgl.sampling_params import SamplingParams, grammar_of
 from jaxsgl.tokenizer import check_token_ids
@@ -30,11 +31,13 @@ class Generator:
     def __init__(self, model_path: str | None = None, *, progress: bool = True, **options: Any):
         """`options` take the server flags' names (`tp_size`, `max_total_tokens`, ...)."""
         self.options = EngineOptions.from_kwargs(model_path, **options)
-        self.engine = Engine(self.options, progress=progress)
+        # One engine, or `dp_size` of them on their own devices behind a dispatcher.
+        self.replicas = Replicas(self.options, progress=progress)
+        self.engine = self.replicas.engines[0]  # model, tokenizer, context, grammar compiler
         self.tokenizer = self.engine.tokenizer
         if self.options.chat_template is not None and self.tokenizer is not None:
             self.tokenizer.hf.chat_template = self.options.chat_template
-        self.engine.start()
+        self.replicas.start()
         self._ids = itertools.count()
 
     # -- requests ---------------------------------------------------------------------------
@@ -140,7 +143,7 @@ class Generator:
         events: queue.SimpleQueue = queue.SimpleQueue()
         for req in reqs:
             req.on_event = events.put
-            self.engine.submit(req)
+            self.replicas.submit(req)
         if stream:
             return self._stream(reqs, events)
         results = _collect(reqs, iter(events.get, None))
@@ -157,7 +160,7 @@ class Generator:
         finally:
             if left:  # the caller stopped reading: stop generating
                 for r in reqs:
-                    self.engine.abort(r.rid)
+                    self.replicas.abort(r.rid)
 
     async def async_generate(
         self,
@@ -183,7 +186,7 @@ class Generator:
         events: asyncio.Queue = asyncio.Queue()
         for req in reqs:
             req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
-            self.engine.submit(req)
+            self.replicas.submit(req)
         left = len(reqs)
         try:
             while left:
@@ -193,7 +196,7 @@ class Generator:
         finally:
             if left:
                 for r in reqs:
-                    self.engine.abort(r.rid)
+                    self.replicas.abort(r.rid)
 
     def chat(self, messages: list[dict], sampling_params: dict | None = None, **kwargs: Any):
         """Apply the chat template and generate the assistant's answer."""
@@ -204,8 +207,10 @@ class Generator:
 
     def flush_cache(self) -> bool:
         """Drop every cached prefix; refused (False) while requests are running."""
-        sched = self.engine.scheduler
-        return self._on_engine(lambda: not sched.has_work and sched.kv.flush() >= 0)
+        return all(
+            self._on_engine(lambda s=e.scheduler: not s.has_work and s.kv.flush() >= 0, e)
+            for e in self.replicas.engines
+        )
 
     def pin_prefix(
         self, prompt: str | None = None, input_ids: list[int] | None = None, namespace: str = ""
@@ -215,14 +220,24 @@ class Generator:
         the pinned length in tokens (a multiple of the page size; 0 for a prompt shorter
         than a page). Each pin needs its own unpin."""
         [ids], _ = self._prompt_ids(prompt, input_ids)
+        return min(self._pin_on(e, ids, namespace) for e in self.replicas.engines)
+
+    def _pin_on(self, engine: Engine, ids: list[int], namespace: str) -> int:
+        """`pin_prefix` on one replica (every replica keeps its own copy of a pinned prefix)."""
         page = self.options.page_size
-        cache = self.engine.scheduler.kv.cache
+        cache = engine.scheduler.kv.cache
         for _ in range(3):  # a flood of requests may evict it between the prefill and the pin
-            self.generate(input_ids=ids, sampling_params={"max_new_tokens": 0}, namespace=namespace)
-            pinned = self._on_engine(lambda: cache.pin(ids, namespace))
+            [req], _ = self.make_requests(
+                input_ids=ids, sampling_params={"max_new_tokens": 0}, namespace=namespace
+            )
+            events: queue.SimpleQueue = queue.SimpleQueue()
+            req.on_event = events.put
+            engine.submit(req)
+            _collect([req], iter(events.get, None))
+            pinned = self._on_engine(lambda: cache.pin(ids, namespace), engine)
             if pinned == len(ids) // page * page or cache.disable:
                 return pinned
-            self._on_engine(lambda: cache.unpin(ids, namespace))
+            self._on_engine(lambda: cache.unpin(ids, namespace), engine)
         raise RuntimeError(f"could not pin a prefix of {len(ids)} tokens: the cache is too busy")
 
     def unpin_prefix(
@@ -231,21 +246,51 @@ class Generator:
         """Release one `pin_prefix` of the same prompt; its pages become evictable again.
         ValueError when nothing of it is pinned."""
         [ids], _ = self._prompt_ids(prompt, input_ids)
-        cache = self.engine.scheduler.kv.cache
-        self._on_engine(lambda: cache.unpin(ids, namespace))
+        for e in self.replicas.engines:
+            self._on_engine(lambda c=e.scheduler.kv.cache: c.unpin(ids, namespace), e)
 
     def check_integrity(self) -> dict[str, int]:
         """Run every manager's integrity check on the engine thread; raises on a violation."""
 
-        def check():
-            self.engine.check_integrity()
-            s = self.engine.scheduler
-            return {"running": len(s.running), "waiting": len(s.waiting)}
+        def check(engine: Engine) -> tuple[int, int]:
+            engine.check_integrity()
+            return len(engine.scheduler.running), len(engine.scheduler.waiting)
 
-        return self._on_engine(check)
+        counts = [self._on_engine(lambda e=e: check(e), e) for e in self.replicas.engines]
+        return {"running": sum(r for r, _ in counts), "waiting": sum(w for _, w in counts)}
 
-    def _on_engine(self, fn: Callable[[], Any]) -> Any:
-        """`fn()` run on the engine thread between steps; its result, or its exception."""
+    # -- state of every replica --------------------------------------------------------------
+    def metrics(self) -> dict[str, float]:
+        """The engines' counters (added up over data-parallel replicas)."""
+        return self.replicas.metrics()
+
+    def gen_throughput(self, window: float = 10.0) -> float:
+        return self.replicas.gen_throughput(window)
+
+    def namespace_metrics(self) -> dict[str, tuple[int, int]]:
+        """Per namespace: (prompt tokens, cached prompt tokens), over every replica."""
+        total: dict[str, tuple[int, int]] = {}
+        for e in self.replicas.engines:
+            for ns, (p, c) in e.namespace_metrics().items():
+                tp, tc = total.get(ns, (0, 0))
+                total[ns] = (tp + p, tc + c)
+        return total
+
+    @property
+    def has_work(self) -> bool:
+        return self.replicas.has_work
+
+    @property
+    def alive(self) -> bool:
+        return self.replicas.alive
+
+    def abort_all(self) -> None:
+        self.replicas.abort_all()
+
+    def _on_engine(self, fn: Callable[[], Any], engine: Engine | None = None) -> Any:
+        """`fn()` run on an engine's thread (the first replica's by default) between steps;
+        its result, or its exception."""
+        engine = engine or self.engine
         done: queue.SimpleQueue = queue.SimpleQueue()
 
         def call():
@@ -254,14 +299,14 @@ class Generator:
             except Exception as e:  # handed to the caller's thread
                 done.put((False, e))
 
-        self.engine.run_on_engine_thread(call)
+        engine.run_on_engine_thread(call)
         ok, out = done.get()
         if not ok:
             raise out
         return out
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        self.replicas.shutdown()
 
     def __enter__(self) -> Generator:
         return self

@@ -24,8 +24,7 @@ def create_app(
     api_key: str | None = None,
     drain_seconds: float = 30.0,
 ) -> web.Application:
-    engine = generator.engine
-    metrics = Metrics(engine.metrics, engine.stats.gen_throughput, engine.namespace_metrics)
+    metrics = Metrics(generator.metrics, generator.gen_throughput, generator.namespace_metrics)
     app = web.Application(
         middlewares=[error_middleware(), auth_middleware(api_key)], client_max_size=64 * 2**20
     )
@@ -65,12 +64,12 @@ async def _drain(app: web.Application) -> None:
     """On SIGTERM: refuse new work, let running requests finish for a while, abort the rest."""
     state: ServerState = app["state"]
     state.draining = True
-    engine = state.generator.engine
+    generator = state.generator
     deadline = asyncio.get_running_loop().time() + app["drain_seconds"]
-    while engine.scheduler.has_work and asyncio.get_running_loop().time() < deadline:
+    while generator.has_work and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
-    if engine.scheduler.has_work:
+    if generator.has_work:
         logger.warning("aborting requests still running at shutdown")
-        engine.abort_all()
-        while engine.scheduler.has_work:
+        generator.abort_all()
+        while generator.has_work:
             await asyncio.sleep(0.05)

@@ -14,7 +14,12 @@ from pathlib import Path
 from aiohttp import web
 
 from jaxsgl.distributed import init_distributed, shutdown_distributed
-from jaxsgl.engine.options import GRAMMAR_BACKENDS, SCHEDULE_POLICIES, EngineOptions
+from jaxsgl.engine.options import (
+    GRAMMAR_BACKENDS,
+    LOAD_BALANCE_METHODS,
+    SCHEDULE_POLICIES,
+    EngineOptions,
+)
 from jaxsgl.model.loader import DEFAULT_MODEL, DTYPES, LOAD_FORMATS
 
 logger = logging.getLogger("jaxsgl.server")
@@ -37,7 +42,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--host", default="127.0.0.1")
     a("--port", type=int, default=30000)
     a("--tp-size", "--tensor-parallel-size", dest="tp_size", type=int, default=d.tp_size)
-    a("--dp-size", "--data-parallel-size", dest="dp_size", type=int, default=d.dp_size)
+    a(
+        "--dp-size",
+        "--data-parallel-size",
+        dest="dp_size",
+        type=int,
+        default=d.dp_size,
+        help="engine replicas, each on its own --tp-size devices, behind one dispatcher",
+    )
+    a(
+        "--load-balance-method",
+        default=d.load_balance_method,
+        choices=list(LOAD_BALANCE_METHODS),
+        help="which replica gets a request (with --dp-size > 1)",
+    )
     a("--dtype", default="auto", choices=["auto", *DTYPES])
     a("--load-format", default="auto", choices=LOAD_FORMATS)
     a("--context-length", type=int, default=None)
@@ -144,8 +162,6 @@ def _namespace_limits(items: list[str]) -> tuple[tuple[str, int], ...]:
 
 
 def options_from_args(args: argparse.Namespace) -> EngineOptions:
-    if args.dp_size != 1:
-        raise ValueError("--dp-size > 1 is not supported yet")
     template = args.chat_template
     if template is not None and Path(template).is_file():
         template = Path(template).read_text()
@@ -156,6 +172,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         dtype=args.dtype,
         tp_size=args.tp_size,
         dp_size=args.dp_size,
+        load_balance_method=args.load_balance_method,
         context_length=args.context_length,
         mem_fraction_static=args.mem_fraction_static,
         max_running_requests=args.max_running_requests,

@@ -98,7 +98,7 @@ async def _stream(request, state: ServerState, reqs) -> web.StreamResponse:
 
 async def health(request: web.Request) -> web.Response:
     state: ServerState = request.app["state"]
-    alive = state.generator.engine.alive
+    alive = state.generator.alive
     return web.Response(status=200 if alive else 503, text="ok" if alive else "engine stopped")
 
 
@@ -144,7 +144,7 @@ async def server_info(request: web.Request) -> web.Response:
     return web.json_response(
         {
             **options,
-            **state.generator.engine.metrics(),
+            **state.generator.metrics(),
             "integrity": integrity,
             "version": _version(),
         }

@@ -52,9 +52,7 @@ def _grouped_prompts(tokenizer, groups: int, per_group: int) -> list[list[int]]:
 
 
 def _hit_rate(method: str) -> float:
-    with Generator(
-        dp_size=2, tp_size=1, load_balance_method=method, progress=False, **COMMON
-    ) as g:
+    with Generator(dp_size=2, tp_size=1, load_balance_method=method, progress=False, **COMMON) as g:
         prompts = _grouped_prompts(g.tokenizer, groups=6, per_group=3)
         for ids in prompts:  # one at a time: each sees what the earlier ones cached
             g.generate(input_ids=ids, sampling_params={"max_new_tokens": 1})

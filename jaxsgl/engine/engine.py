@@ -80,10 +80,12 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, options: EngineOptions, progress: bool = True):
+    def __init__(self, options: EngineOptions, progress: bool = True, devices=None):
+        """`devices`: this engine's share of the machine (a data-parallel replica's group);
+        None: the first `tp_size` devices."""
         self.options = options
         enable_compilation_cache(options.compilation_cache_dir)
-        mesh = make_mesh(options.tp_size)
+        mesh = make_mesh(options.tp_size, devices=devices)
         self.loaded = load_model(
             options.model_path,
             load_format=options.load_format,
@@ -389,6 +391,11 @@ class Engine:
 
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests this engine holds (queued, running, or just finishing)."""
+        return len(self._requests)
 
     def metrics(self) -> dict[str, float]:
         """A snapshot of the counters (read from any thread; each value is a plain number)."""

@@ -7,6 +7,7 @@ from typing import Any
 
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 GRAMMAR_BACKENDS = ("llguidance", "none")
+LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -20,6 +21,7 @@ class EngineOptions:
     nnodes: int = 1  # hosts one mesh spans (jax.distributed); rank 0 leads, the rest follow
     node_rank: int = 0
     dist_init_addr: str | None = None  # host:port of rank 0's coordinator
+    load_balance_method: str = "cache_aware"  # data-parallel replicas: which gets a request
     context_length: int | None = None  # None: the model's own maximum
     mem_fraction_static: float = 0.85  # accelerators: share of free memory for weights + KV
     max_total_tokens: int | None = None  # KV pool size in tokens; None: from memory
@@ -60,6 +62,13 @@ class EngineOptions:
             raise ValueError(f"nnodes={self.nnodes} needs dist_init_addr host:port")
         if not 0 <= self.node_rank < self.nnodes:
             raise ValueError(f"node_rank {self.node_rank} is not in [0, {self.nnodes})")
+        if self.load_balance_method not in LOAD_BALANCE_METHODS:
+            raise ValueError(
+                f"load_balance_method {self.load_balance_method!r} is not one of "
+                f"{LOAD_BALANCE_METHODS}"
+            )
+        if self.dp_size > 1 and self.nnodes > 1:
+            raise ValueError("dp_size > 1 with nnodes > 1: run a router over per-host servers")
         if self.grammar_backend not in GRAMMAR_BACKENDS:
             raise ValueError(
                 f"grammar_backend {self.grammar_backend!r} is not one of {GRAMMAR_BACKENDS}"
