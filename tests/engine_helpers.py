@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from jaxsgl.generator import Generator
+
 # Mixed lengths, chat-templated and raw; a few share long prefixes.
 TEXTS = [
     "The capital of France is",
@@ -54,3 +56,16 @@ def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list
             min_new_tokens=max_new_tokens,
         )
     return [row[width:].tolist() for row in out]
+
+
+def small_generator(**options) -> Generator:
+    """A second engine on the real SmolLM2 (float32, 4096 KV tokens, no warm-up), for tests that
+    compare one engine setting against the module's engine."""
+    return Generator(
+        dtype="float32",
+        max_total_tokens=4096,
+        context_length=1024,
+        warmup=False,
+        progress=False,
+        **options,
+    )

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import jsonschema
 import numpy as np
 import pytest
+from engine_helpers import small_generator
 
 from jaxsgl.generator import Generator
 from jaxsgl.sampler import grammar_allows
@@ -272,14 +273,7 @@ def test_jump_forward_keeps_greedy_output_and_saves_decode_steps(gen):
     fast_decodes = st.num_decode_steps - decode0
     assert st.jump_forward_tokens - forced0 == fast["meta_info"]["jump_forward_tokens"] > 10
     jsonschema.validate(json.loads(fast["text"]), LONG_KEYS)
-    with Generator(
-        dtype="float32",
-        max_total_tokens=4096,
-        context_length=1024,
-        warmup=False,
-        progress=False,
-        disable_jump_forward=True,
-    ) as plain:
+    with small_generator(disable_jump_forward=True) as plain:
         slow = plain.generate(input_ids=prompt, sampling_params=params)
         slow_decodes = plain.engine.stats.num_decode_steps
         assert slow["meta_info"]["jump_forward_tokens"] == 0

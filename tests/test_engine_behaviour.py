@@ -3,6 +3,7 @@
 import time
 
 import pytest
+from engine_helpers import small_generator
 
 from jaxsgl.generator import Generator
 
@@ -92,63 +93,35 @@ def test_seeded_sampling_reproduces_across_batches(gen):
     assert other_seed["output_ids"] != alone["output_ids"]
 
 
-def test_overlap_schedule_changes_no_output(gen):
-    """Lookahead decode steps (the default) give what step-by-step decoding gives: seeded
-    sampling, requests ending at different steps by length, eos and stop strings."""
-    prompts = ["Tell me about the sea.", "1, 2, 3,", "Hello", "Name a color:"]
-    params = [
-        {"temperature": 1.0, "max_new_tokens": 9, "sampling_seed": 5},
-        {"temperature": 0.0, "max_new_tokens": 20, "stop": [","]},
-        {"temperature": 0.7, "top_k": 20, "max_new_tokens": 3, "sampling_seed": 8},
-        {"temperature": 0.0, "max_new_tokens": 40},
-    ]
+SCHEDULE_PROMPTS = ["Tell me about the sea.", "1, 2, 3,", "Hello", "Name a color:", "Count: a,"]
+SCHEDULE_PARAMS = [
+    {"temperature": 1.0, "max_new_tokens": 17, "sampling_seed": 5},
+    {"temperature": 0.0, "max_new_tokens": 30, "stop": [", 9"]},
+    {"temperature": 0.7, "top_k": 20, "max_new_tokens": 6, "sampling_seed": 8},
+    {"temperature": 0.0, "max_new_tokens": 40},
+    {"temperature": 0.0, "max_new_tokens": 10, "frequency_penalty": 0.5},
+]
+
+
+@pytest.mark.parametrize(("overlap", "steps"), [(False, 1), (True, 4), (False, 4)])
+def test_schedules_change_no_output(gen, overlap, steps):
+    """The module's engine (lookahead decode steps, the default) against step-by-step decoding
+    and against four decode steps a launch, with and without lookahead: the same tokens and
+    logprobs for seeded sampling, requests ending at different steps (mid-launch too) by
+    length, eos and stop strings, and a penalized request (one step a launch while it runs)."""
     before = gen.engine.stats.num_lookahead_steps
-    overlapped = gen.generate(prompts, params)
+    reference = gen.generate(SCHEDULE_PROMPTS, SCHEDULE_PARAMS, return_logprob=True)
     assert gen.engine.stats.num_lookahead_steps > before
-    with Generator(
-        dtype="float32",
-        max_total_tokens=4096,
-        context_length=1024,
-        warmup=False,
-        progress=False,
-        disable_overlap_schedule=True,
-    ) as plain:
-        stepwise = plain.generate(prompts, params)
-        assert plain.engine.stats.num_lookahead_steps == 0
-        assert plain.check_integrity() == {"running": 0, "waiting": 0}
-    for a, b in zip(overlapped, stepwise, strict=True):
-        assert a["output_ids"] == b["output_ids"]
-        assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
-
-
-@pytest.mark.parametrize("overlap", [True, False])
-def test_continuous_decode_steps_change_no_output(gen, overlap):
-    """Four decode steps a launch give what one step a launch gives: seeded sampling,
-    logprobs, requests ending mid-launch by length, eos and stop strings, and a penalized
-    request (which keeps the batch at one step a launch while it runs)."""
-    prompts = ["Tell me about the sea.", "1, 2, 3,", "Hello", "Name a color:", "Count: a, b,"]
-    params = [
-        {"temperature": 1.0, "max_new_tokens": 17, "sampling_seed": 5},
-        {"temperature": 0.0, "max_new_tokens": 30, "stop": [", 9"]},
-        {"temperature": 0.7, "top_k": 20, "max_new_tokens": 6, "sampling_seed": 8},
-        {"temperature": 0.0, "max_new_tokens": 40},
-        {"temperature": 0.0, "max_new_tokens": 10, "frequency_penalty": 0.5},
-    ]
-    one_step = gen.generate(prompts, params, return_logprob=True)
-    with Generator(
-        dtype="float32",
-        max_total_tokens=4096,
-        context_length=1024,
-        warmup=False,
-        progress=False,
-        disable_overlap_schedule=not overlap,
-        num_continuous_decode_steps=4,
-    ) as multi:
-        steps = multi.generate(prompts, params, return_logprob=True)
-        st = multi.engine.stats
-        assert st.num_decode_steps >= 2 * st.num_decode_launches > 0  # most launches ran 4
-        assert multi.check_integrity() == {"running": 0, "waiting": 0}
-    for a, b in zip(one_step, steps, strict=True):
+    with small_generator(
+        disable_overlap_schedule=not overlap, num_continuous_decode_steps=steps
+    ) as other:
+        got = other.generate(SCHEDULE_PROMPTS, SCHEDULE_PARAMS, return_logprob=True)
+        st = other.engine.stats
+        assert (st.num_lookahead_steps > 0) == overlap
+        if steps > 1:
+            assert st.num_decode_steps >= 2 * st.num_decode_launches > 0  # most launches ran 4
+        assert other.check_integrity() == {"running": 0, "waiting": 0}
+    for a, b in zip(reference, got, strict=True):
         assert a["output_ids"] == b["output_ids"]
         assert a["text"] == b["text"]
         assert a["meta_info"]["finish_reason"] == b["meta_info"]["finish_reason"]
