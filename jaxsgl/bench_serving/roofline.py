@@ -33,9 +33,10 @@ Worked example: W = 1000 B, M = 100, M_h = 20, kv = 10 B, A = 4; requests (p=4, 
     decode bytes = 3·1000 + 10·18 = 3180 -> 3.18 s (FLOPs 2·100·3 + 4·18 = 672 -> 0.672 s)
     roofline 4.652 s; 5 output tokens -> 1.075 tok/s; measured in 9.304 s -> fraction 0.5.
 
-At scale: 1000 requests of 512 in / 256 out, cap 256, Llama-3-8B in bf16, on ceilings of
-3.0 TB/s and 700 TFLOP/s: prefill 10.3 s (compute bound), 997 decode steps 12.1 s (memory
-bound: 15.0 GB of weights per step plus 21.5 TB of KV reads), 22.4 s in all, 11,414 tok/s.
+At scale: 1000 requests of 512 in / 256 out, cap 256, Llama-3-8B in bf16, on illustrative
+ceilings of 3.0 TB/s and 700 TFLOP/s: prefill 10.3 s (compute bound), 997 decode steps 12.1 s
+(memory bound: 15.0 GB of weights per step plus 21.5 TB of KV reads), 22.4 s in all, 11,414
+output tok/s.
 """
 
 from __future__ import annotations
