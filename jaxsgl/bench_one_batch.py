@@ -17,65 +17,26 @@ also gives the device's time per step when k steps run in one launch (no gap bet
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import itertools
 import json
 import statistics
 import time
 
-import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsgl.config import ModelConfig
+from jaxsgl.ceilings import Ceilings
 from jaxsgl.engine.model_runner import ModelRunner
 from jaxsgl.model.forward_batch import SeqChunk
 from jaxsgl.model.loader import load_model
-from jaxsgl.roofline import Ceilings, measure_ceilings, time_call
+from jaxsgl.model_cost import ModelCost
+from jaxsgl.roofline import measure_ceilings, time_call
 from jaxsgl.sampler import RowState
 from jaxsgl.sampling_params import SamplingParams
 from jaxsgl.sharding import make_mesh
 
 GREEDY = RowState(params=SamplingParams(temperature=0.0), seed=0)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelCost:
-    """Bytes and FLOPs of the model, per token and per step."""
-
-    weight_bytes: int
-    matmul_params: int  # parameters that take part in a matmul per token (not the embedding)
-    kv_bytes_per_token: int
-    attn_flops_per_key: int  # QKᵀ and PV over all layers, per (query, key) pair
-
-    @classmethod
-    def of(cls, cfg: ModelConfig, runner: ModelRunner) -> ModelCost:
-        leaves = jax.tree.leaves(runner.state)
-        weight_bytes = sum(x.nbytes for x in leaves)
-        params = sum(x.size for x in leaves)
-        embed = cfg.vocab_size * cfg.hidden_size
-        # A tied LM head reuses the embedding: it still costs a matmul per logits row.
-        matmul = params - embed + (embed if cfg.tie_word_embeddings else 0)
-        itemsize = leaves[0].dtype.itemsize
-        kv = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize
-        attn = 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim
-        return cls(weight_bytes, matmul, kv, attn)
-
-    def prefill(self, batch: int, input_len: int) -> tuple[float, float]:
-        """(bytes, FLOPs) of a causal prefill of `batch` prompts of `input_len` tokens."""
-        tokens = batch * input_len
-        pairs = batch * input_len * (input_len + 1) / 2
-        return (
-            self.weight_bytes + tokens * self.kv_bytes_per_token,
-            2 * self.matmul_params * tokens + self.attn_flops_per_key * pairs,
-        )
-
-    def decode(self, batch: int, context: int) -> tuple[float, float]:
-        """(bytes, FLOPs) of one decode step of `batch` sequences of `context` tokens."""
-        return (
-            self.weight_bytes + batch * (context + 1) * self.kv_bytes_per_token,
-            2 * self.matmul_params * batch + self.attn_flops_per_key * batch * context,
-        )
 
 
 def bench_case(
@@ -185,7 +146,7 @@ def main(argv=None) -> list[dict]:
         attention_backend=args.attention_backend,
         unroll_layers=args.layers == "unrolled",
     )
-    cost = ModelCost.of(loaded.config, runner)
+    cost = ModelCost.from_config(loaded.config, jnp.dtype(loaded.dtype).name)
     rng = np.random.default_rng(0)
     results = []
     # Weights and KV split over the mesh: its devices' bandwidth and FLOPs add up.

@@ -1,7 +1,8 @@
 """Model configuration: one frozen dataclass, read from HF `config.json`, GGUF metadata or a preset.
 
 Every loader turns its source into an HF-style config dict first (GGUF metadata is renamed to
-HF keys by `jaxsgl.model.gguf_file`), so `ModelConfig.from_hf_dict` is the one parser.
+HF keys by `jaxsgl.model.gguf_file`), so `ModelConfig.from_hf_dict` is the one parser;
+`config_for` reads one from a preset name or an HF folder without loading any weights.
 """
 
 from __future__ import annotations
@@ -229,3 +230,13 @@ PRESETS: dict[str, ModelConfig] = {
         checkpoint_dtype="bfloat16",
     ),
 }
+
+
+def config_for(name: str | Path) -> ModelConfig:
+    """The config of a preset (`llama-3-8b`, ...) or of an HF folder's `config.json`."""
+    if str(name).lower() in PRESETS:
+        return PRESETS[str(name).lower()]
+    path = Path(name)
+    if path.is_dir():
+        return ModelConfig.from_json_file(path / "config.json")
+    raise ValueError(f"need a preset name {sorted(PRESETS)} or an HF folder, got {str(name)!r}")

@@ -3,17 +3,22 @@
 Benchmarks state every figure as a ratio against these, measured in the same run: a
 device-to-device copy for memory bandwidth (bytes read plus bytes written) and a large bf16
 matrix product for the matmul rate, both on random data.
+
+    python -m jaxsgl.roofline --out ceilings.json   # for bench_serving's --ceilings
 """
 
 from __future__ import annotations
 
-import dataclasses
+import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+
+from jaxsgl.ceilings import Ceilings, write_ceilings
 
 
 def time_call(fn: Callable, *args, repeats: int = 7, calls: int = 10) -> float:
@@ -27,29 +32,6 @@ def time_call(fn: Callable, *args, repeats: int = 7, calls: int = 10) -> float:
         jax.block_until_ready(out)
         samples.append((time.perf_counter() - t0) / calls)
     return statistics.median(samples)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ceilings:
-    copy_bytes_per_s: float  # device-to-device copy, read + write
-    matmul_flops_per_s: float  # bf16 matrix product
-    device: str
-
-    def floor(self, bytes_moved: float, flops: float) -> float:
-        """The fewest seconds work of this size can take: the slower of its two terms."""
-        return max(bytes_moved / self.copy_bytes_per_s, flops / self.matmul_flops_per_s)
-
-    def times(self, devices: int) -> Ceilings:
-        """The ceilings of `devices` such devices working on one split problem."""
-        return Ceilings(
-            self.copy_bytes_per_s * devices,
-            self.matmul_flops_per_s * devices,
-            f"{devices} x {self.device}" if devices > 1 else self.device,
-        )
-
-    def bound(self, bytes_moved: float, flops: float) -> str:
-        memory = bytes_moved / self.copy_bytes_per_s >= flops / self.matmul_flops_per_s
-        return "memory" if memory else "compute"
 
 
 def measure_ceilings(copy_mib: int | None = None, matmul_n: int | None = None) -> Ceilings:
@@ -71,3 +53,27 @@ def measure_ceilings(copy_mib: int | None = None, matmul_n: int | None = None) -
         matmul_flops_per_s=2 * matmul_n**3 / matmul_s,
         device=getattr(device, "device_kind", device.platform),
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure the default device's ceilings, print them and write them to `--out`."""
+    p = argparse.ArgumentParser(prog="python -m jaxsgl.roofline", description=main.__doc__)
+    p.add_argument("--out", default=None, help="ceilings JSON (copy_tb_s, matmul_tflop_s)")
+    p.add_argument("--copy-mib", type=int, default=None, help="copied buffer (default by device)")
+    p.add_argument("--matmul-n", type=int, default=None, help="square matmul side (default too)")
+    args = p.parse_args(argv)
+    device = jax.devices()[0]
+    print(f"measuring copy bandwidth and bf16 matmul rate on {device} ...", file=sys.stderr)
+    ceilings = measure_ceilings(args.copy_mib, args.matmul_n)
+    print(
+        f"{ceilings.device}: copy {ceilings.copy_bytes_per_s / 1e12:.3f} TB/s, "
+        f"bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.1f} TFLOP/s"
+    )
+    if args.out:
+        write_ceilings(args.out, ceilings)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,9 +8,12 @@ import sys
 
 import numpy as np
 import pytest
+from roofline_reference import reference_roofline
 from server_fixture import free_port
 
 from jaxsgl.bench_serving import cli, report
+from jaxsgl.config import config_for
+from jaxsgl.model_cost import ModelCost
 
 pytest_plugins = ["server_fixture"]
 
@@ -30,8 +33,9 @@ def bench(capsys, server, out, *flags: str) -> tuple[dict, dict, list[dict]]:
     return figures, results, records
 
 
-def expected_figures(records: list[dict], num_devices: int, baseline: float | None) -> dict:
+def expected_figures(records: list[dict], settings: dict, baseline: float | None) -> dict:
     """The summary recomputed with numpy from the raw records."""
+    num_devices = settings["num_devices"]
     ok = [r for r in records if r["success"]]
     duration = max(r["end"] for r in records) - min(r["start"] for r in records)
     latency = np.array([r["end"] - r["start"] for r in ok])
@@ -64,6 +68,8 @@ def expected_figures(records: list[dict], num_devices: int, baseline: float | No
     }
     if baseline is not None:
         out["gpu_s_vs_baseline"] = gpu_s / baseline
+    if settings.get("roofline_model"):
+        out.update(expected_roofline(records, settings, duration, output))
     for name, seconds in [("e2e", latency), ("ttft", ttft), ("tpot", tpot), ("itl", itl)]:
         ms = seconds * 1e3
         out[f"mean_{name}_ms"] = ms.mean() if ms.size else np.nan
@@ -72,12 +78,27 @@ def expected_figures(records: list[dict], num_devices: int, baseline: float | No
     return out
 
 
+def expected_roofline(records: list[dict], settings: dict, duration: float, output: int) -> dict:
+    """The roofline figures recomputed token by token from the records and the flags."""
+    cost = ModelCost.from_config(config_for(settings["roofline_model"]), settings["roofline_dtype"])
+    ceilings = settings["roofline_ceilings"]
+    seconds, _ = reference_roofline(
+        records,
+        cost,
+        ceilings["copy_tb_s"] * 1e12,
+        ceilings["matmul_tflop_s"] * 1e12,
+        settings["max_concurrency"],
+        settings["num_devices"],
+    )
+    return {"roofline_output_throughput": output / seconds, "roofline_fraction": seconds / duration}
+
+
 def check_figures(figures: dict, results: dict, records: list[dict]) -> None:
     settings = results["settings"]
     baseline = None
     if settings.get("baseline"):
         baseline = report.read_results(settings["baseline"])["summary"]["gpu_s_per_request"]
-    expected = expected_figures(records, settings["num_devices"], baseline)
+    expected = expected_figures(records, settings, baseline)
     decimals = {key: (scale, d) for _, key, scale, d in report.ROWS}
     assert set(figures) == set(expected) - {k for k, v in expected.items() if np.isnan(v)}
     for key, value in figures.items():
@@ -101,15 +122,36 @@ def test_random_native(server, capsys, tmp_path):
     assert all(1 <= len(r["itl"]) <= 7 and 0 < r["ttft"] < r["end"] - r["start"] for r in records)
     assert results["summary"]["num_devices"] == 1 == server.server_info()["tp_size"]
 
-    # The same load through /v1/completions, priced against the native run.
+    # The same load through /v1/completions, priced against the native run and the roofline.
+    ceilings_file = tmp_path / "ceilings.json"
+    ceilings_file.write_text('{"device": "test", "copy_tb_s": 0.02, "matmul_tflop_s": 0.5}')
     figures_oa, _, records_oa = bench(
         capsys, server, tmp_path / "openai.json",
         "--backend", "openai", "--num-prompts", "4", "--random-input-len", "12",
         "--random-output-len", "8", "--max-concurrency", "4", "--num-devices", "2",
-        "--baseline", str(tmp_path / "native.json"),
+        "--baseline", str(tmp_path / "native.json"), "--roofline-model", "smollm2-135m",
+        "--ceilings", str(ceilings_file),
     )  # fmt: skip
     assert all(r["success"] and r["output_tokens"] == 8 for r in records_oa)
     assert figures_oa["num_devices"] == 2 and "gpu_s_vs_baseline" in figures_oa
+    assert "roofline_fraction" in figures_oa
+
+    # The ceilings as flags; no --max-concurrency: the roofline lets all requests run at once.
+    figures_roof, results_roof, _ = bench(
+        capsys, server, tmp_path / "roof.json",
+        "--num-prompts", "5", "--random-input-len", "12", "--random-output-len", "8",
+        "--roofline-model", "smollm2-135m", "--copy-tb-s", "0.01", "--matmul-tflop-s", "0.1",
+    )  # fmt: skip
+    # check_figures recomputed both printed roofline rows from the JSONL.
+    assert figures_roof["roofline_fraction"] > 0
+    settings = results_roof["settings"]
+    assert settings["max_concurrency"] is None and settings["roofline_dtype"] == "bfloat16"
+    assert settings["roofline_ceilings"] == {
+        "device": "given",
+        "copy_tb_s": 0.01,
+        "matmul_tflop_s": 0.1,
+    }
+    assert results_roof["summary"]["roofline_decode_steps"] == 7
 
     png = tmp_path / "cmp.png"
     code = cli.main(["plot", str(tmp_path / "native.json"), str(tmp_path / "openai.json"),

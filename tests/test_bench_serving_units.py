@@ -97,6 +97,7 @@ def test_summary_edge_cases():
 
 def test_table_prints_every_figure_and_parses_back():
     s = summarize(_records(np.random.default_rng(1), 12), num_devices=2, baseline_gpu_s=1.0)
+    s.update(roofline_output_throughput=123.456, roofline_fraction=0.71234)
     text = report.table(s, {"Backend": "jaxsgl"})
     parsed = report.parse_table(text)
     assert set(parsed) == {key for _, key, _, _ in report.ROWS}

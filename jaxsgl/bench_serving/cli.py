@@ -14,11 +14,12 @@ from typing import Any
 import aiohttp
 from tqdm.auto import tqdm
 
-from jaxsgl.bench_serving import plot, report, workload
+from jaxsgl.bench_serving import plot, report, roofline, workload
 from jaxsgl.bench_serving.backends import BACKENDS, TARGETS
 from jaxsgl.bench_serving.datasets import DATASETS
 from jaxsgl.bench_serving.metrics import summarize
 from jaxsgl.bench_serving.runner import Benchmark, Load, flush_cache, warm_up
+from jaxsgl.model_cost import ITEMSIZE
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     _dataset_args(p.add_argument)
     _load_args(p.add_argument)
     _output_args(p.add_argument)
+    _roofline_args(p.add_argument)
     return p
 
 
@@ -120,6 +122,23 @@ def _output_args(a) -> None:
     a("--log-level", default="warning")
 
 
+def _roofline_args(a) -> None:
+    a(
+        "--roofline-model",
+        default=None,
+        help="price the run against the workload's roofline for this model "
+        "(a preset such as llama-3-8b, or an HF folder with config.json)",
+    )
+    a("--roofline-dtype", choices=ITEMSIZE, default="bfloat16", help="weights and KV cache")
+    a("--copy-tb-s", type=float, default=None, help="copy ceiling of one device (read + write)")
+    a("--matmul-tflop-s", type=float, default=None, help="bf16 matmul ceiling of one device")
+    a(
+        "--ceilings",
+        default=None,
+        help="both ceilings from a JSON file (`python -m jaxsgl.roofline --out FILE`)",
+    )
+
+
 def check_args(args: argparse.Namespace) -> None:
     """ValueError naming the first bad flag (before anything is sent)."""
     if args.num_prompts is not None and args.duration is not None:
@@ -144,6 +163,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.baseline is not None:
         report.baseline_gpu_s(args.baseline)
     load(args)  # the load flags' own checks
+    roofline.from_flags(args)
 
 
 def load(args: argparse.Namespace) -> Load:
@@ -191,11 +211,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     baseline = report.baseline_gpu_s(args.baseline) if args.baseline else None
     settings = {k: v for k, v in vars(args).items() if not k.startswith("api_key")}
     settings.update(base_url=base_url, model=model, num_devices=num_devices)
-    return {
-        "summary": summarize(records, num_devices, baseline),
-        "records": records,
-        "settings": settings,
-    }
+    summary = summarize(records, num_devices, baseline)
+    if (priced := roofline.from_flags(args)) and summary["completed"]:
+        cost, ceilings = priced
+        roof = roofline.workload_roofline(
+            records, cost, ceilings, args.max_concurrency, num_devices
+        )
+        summary.update(roof.summary(summary["duration_s"]))
+        settings["roofline_ceilings"] = ceilings.to_json()
+    return {"summary": summary, "records": records, "settings": settings}
 
 
 def _turns(args: argparse.Namespace) -> int:
@@ -205,13 +229,18 @@ def _turns(args: argparse.Namespace) -> int:
 def header(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]:
     """The settings lines at the top of the result table."""
     rate = args.request_rate
-    return {
+    lines = {
         "Backend": args.backend,
         "Base URL": settings["base_url"],
         "Dataset": args.dataset_name,
         "Request rate (req/s)": "inf" if math.isinf(rate) else rate,
         "Max concurrency": args.max_concurrency or "none",
     }
+    if ceilings := settings.get("roofline_ceilings"):
+        lines["Roofline model"] = f"{args.roofline_model} ({args.roofline_dtype})"
+        copy, matmul = ceilings["copy_tb_s"], ceilings["matmul_tflop_s"]
+        lines["Roofline ceilings (per device)"] = f"{copy:.3f} TB/s, {matmul:.1f} TFLOP/s"
+    return lines
 
 
 def save(args: argparse.Namespace, result: dict[str, Any]) -> None:

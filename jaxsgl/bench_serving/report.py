@@ -21,6 +21,8 @@ ROWS: list[tuple[str, str, float, int]] = [
     ("Input token throughput (tok/s)", "input_throughput", 1, 2),
     ("Output token throughput (tok/s)", "output_throughput", 1, 2),
     ("Total token throughput (tok/s)", "total_throughput", 1, 2),
+    ("Roofline output tok/s", "roofline_output_throughput", 1, 2),
+    ("Fraction of roofline", "roofline_fraction", 1, 4),
     ("Mean concurrency", "mean_concurrency", 1, 2),
     ("Cache hit rate (%)", "cache_hit_rate", 100, 2),
     ("Devices", "num_devices", 1, 0),

@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxsgl import sharding
-from jaxsgl.config import PRESETS, ModelConfig
+from jaxsgl.config import ModelConfig, config_for
 from jaxsgl.model.llama import Llama
 from jaxsgl.model.weights import PARAM_SOURCES, CheckpointSource, SafetensorsFolder, host_params
 
@@ -134,15 +134,10 @@ def load_model(
 
 
 def _dummy_config(model_path: str | Path | None) -> ModelConfig:
-    name = "smollm2-135m" if model_path is None else str(model_path)
-    if name.lower() in PRESETS:
-        return PRESETS[name.lower()]
-    path = Path(name)
-    if path.is_dir():
-        return ModelConfig.from_json_file(path / "config.json")
-    raise ValueError(
-        f"dummy weights need a preset name {sorted(PRESETS)} or an HF folder, got {name!r}"
-    )
+    try:
+        return config_for("smollm2-135m" if model_path is None else model_path)
+    except ValueError as e:
+        raise ValueError(f"dummy weights {e}") from None
 
 
 def abstract_model(cfg: ModelConfig, dtype, mesh: Mesh):

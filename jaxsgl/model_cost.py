@@ -1,0 +1,63 @@
+"""Bytes and FLOPs of a Llama forward step, from the config alone (no weights loaded).
+
+For Llama-3-8B in bf16: 8.03e9 parameters (16.06 GB), 7.50e9 of them in matmuls (the LM head
+included, the embedding gather not), 131,072 KV bytes per token (2 · 32 layers · 8 KV heads ·
+128 dims · 2 bytes) and 524,288 attention FLOPs per (query, key) pair (4 · 32 · 32 · 128).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jaxsgl.config import ModelConfig
+
+# Bytes per element of the weight dtypes a model loads in (the names `--dtype` takes).
+ITEMSIZE = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelCost:
+    """Bytes and FLOPs of the model, per token and per step."""
+
+    weight_bytes: int  # every parameter
+    step_weight_bytes: int  # read by every forward step: all but an untied embedding table
+    matmul_params: int  # in a matmul per token: all but the embedding gather (a tied head counts)
+    head_params: int  # the LM head's share of matmul_params (V·D), used only for logits rows
+    kv_bytes_per_token: int  # K and V of all layers
+    attn_flops_per_key: int  # QKᵀ and PV over all layers, per (query, key) pair
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, dtype: str = "bfloat16") -> ModelCost:
+        """The cost of `cfg` with weights and KV cache in `dtype` (a name such as "bfloat16")."""
+        if dtype not in ITEMSIZE:
+            raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(ITEMSIZE)}")
+        itemsize = ITEMSIZE[dtype]
+        params = cfg.num_params
+        embed = cfg.vocab_size * cfg.hidden_size
+        # A tied LM head reuses the embedding: it still costs a matmul per logits row.
+        matmul = params - embed + (embed if cfg.tie_word_embeddings else 0)
+        L, N, K, H = cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        return cls(
+            weight_bytes=params * itemsize,
+            step_weight_bytes=matmul * itemsize,
+            matmul_params=matmul,
+            head_params=embed,
+            kv_bytes_per_token=2 * L * K * H * itemsize,
+            attn_flops_per_key=4 * L * N * H,
+        )
+
+    def prefill(self, batch: int, input_len: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of a causal prefill of `batch` prompts of `input_len` tokens."""
+        tokens = batch * input_len
+        pairs = batch * input_len * (input_len + 1) / 2
+        return (
+            self.weight_bytes + tokens * self.kv_bytes_per_token,
+            2 * self.matmul_params * tokens + self.attn_flops_per_key * pairs,
+        )
+
+    def decode(self, batch: int, context: int) -> tuple[float, float]:
+        """(bytes, FLOPs) of one decode step of `batch` sequences of `context` tokens."""
+        return (
+            self.weight_bytes + batch * (context + 1) * self.kv_bytes_per_token,
+            2 * self.matmul_params * batch + self.attn_flops_per_key * batch * context,
+        )

@@ -1,0 +1,52 @@
+"""ModelCost from a config alone, against the parameters of the model jaxsgl actually builds."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from jaxsgl.config import PRESETS, config_for
+from jaxsgl.model.loader import abstract_model, write_config
+from jaxsgl.model_cost import ModelCost
+from jaxsgl.sharding import make_mesh
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "smollm2-135m"])
+def test_config_cost_agrees_with_the_built_model(name):
+    cfg = PRESETS[name]
+    # The model's shapes without its weights: what a loaded runner's state holds.
+    _, _, state, _ = abstract_model(cfg, jnp.bfloat16, make_mesh(1))
+    leaves = jax.tree.leaves(state)
+    params = sum(x.size for x in leaves)
+    embed = cfg.vocab_size * cfg.hidden_size
+    matmul = params - (0 if cfg.tie_word_embeddings else embed)
+    cost = ModelCost.from_config(cfg, "bfloat16")
+    assert cost.weight_bytes == pytest.approx(params * 2, rel=0.01)
+    assert cost.matmul_params == pytest.approx(matmul, rel=0.01)
+    assert cost.step_weight_bytes == pytest.approx(matmul * 2, rel=0.01)
+
+
+def test_llama_3_8b_by_hand():
+    cost = ModelCost.from_config(PRESETS["llama-3-8b"], "bfloat16")
+    assert cost.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131_072
+    assert cost.attn_flops_per_key == 4 * 32 * 32 * 128
+    assert cost.head_params == 128_256 * 4096
+    assert cost.weight_bytes == 2 * 8_030_261_248
+    assert cost.matmul_params == 8_030_261_248 - 128_256 * 4096  # untied: the gather is free
+    f32 = ModelCost.from_config(PRESETS["llama-3-8b"], "float32")
+    assert f32.weight_bytes == 2 * cost.weight_bytes and f32.matmul_params == cost.matmul_params
+
+
+def test_tied_head_counts_as_a_matmul():
+    cfg = PRESETS["smollm2-135m"]
+    cost = ModelCost.from_config(cfg)
+    assert cost.matmul_params == cfg.num_params and cost.step_weight_bytes == cost.weight_bytes
+
+
+def test_config_for_reads_presets_and_folders(tmp_path):
+    assert config_for("Llama-3-8B") is PRESETS["llama-3-8b"]
+    write_config(PRESETS["smollm2-135m"], tmp_path)
+    assert config_for(tmp_path) == PRESETS["smollm2-135m"]
+    with pytest.raises(ValueError, match="preset name"):
+        config_for(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        ModelCost.from_config(PRESETS["smollm2-135m"], "int4")
