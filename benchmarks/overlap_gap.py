@@ -22,8 +22,8 @@ import time
 
 import numpy as np
 
-from jaxsgl.bench_one_batch import ModelCost
 from jaxsgl.generator import Generator
+from jaxsgl.model_cost import ModelCost
 from jaxsgl.roofline import measure_ceilings
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> None:
             warmup=False,
             progress=False,
         ) as gen:
-            cost = ModelCost.of(gen.engine.loaded.config, gen.engine.runner)
+            cost = ModelCost.from_config(gen.engine.loaded.config, "bfloat16")
             for bs in args.batch_size:
                 ms = step_ms(gen, bs, args.input_len, args.output_len)
                 context = args.input_len + args.output_len // 2
