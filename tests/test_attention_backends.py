@@ -61,6 +61,9 @@ def test_pallas_backend_matches_native(folder):
     assert all(len(ids) == GREEDY["max_new_tokens"] for ids in native)
     assert _greedy(folder, "pallas", 1) == native
     assert _greedy(folder, "pallas", 2) == native
+    # Four and eight devices: kv heads (2) fewer than the tensor size, so they are replicated.
+    assert _greedy(folder, "pallas", 4) == native
+    assert _greedy(folder, "native", 8) == native
 
 
 def test_unknown_backend_is_a_value_error(folder):

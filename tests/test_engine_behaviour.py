@@ -144,7 +144,7 @@ def test_n_copies_share_the_prompt(gen):
 def test_stop_strings_match_across_tokens_and_are_trimmed(gen):
     base = gen.generate("1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12})
     assert base["text"].startswith(" 5, 6, 7, 8,")
-    for stop in [" 7", "6, 7", ", 8"]:
+    for stop in ["6, 7", ", 8"]:  # inside one token's text, and across two
         out = gen.generate(
             "1, 2, 3, 4,", {"temperature": 0, "max_new_tokens": 12, "stop": [stop, "never"]}
         )

@@ -88,3 +88,15 @@ def test_kv_head_repeats():
 def test_mesh_needs_enough_devices():
     with pytest.raises(ValueError, match="needs 16 devices"):
         sharding.make_mesh(16)
+
+
+@pytest.mark.parametrize("variant", ["llama31_tied_gqa4", "qwen2_bias"])
+def test_dummy_weights_are_one_model_at_every_tensor_size(tmp_path, variant):
+    """A seed gives the same random model however many devices hold it, also where the kv
+    heads are repeated to fill the tensor axis (tp 4 and 8 over 2 kv heads)."""
+    make_tiny(variant, tmp_path)
+    _, base = _logits(tmp_path, 1, load_format="dummy", dtype="float32")
+    for tp in (4, 8):
+        loaded, got = _logits(tmp_path, tp, load_format="dummy", dtype="float32")
+        assert loaded.model.layers.wk[...].shape[2] == tp  # repeated kv heads
+        np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)

@@ -52,6 +52,10 @@ from jaxsgl.sharding import sharded_config, tensor_size
 logger = logging.getLogger(__name__)
 
 MIN_EXTEND_TOKENS = 16
+# Page tables of at least two pages: with a one-page table XLA:CPU turns the step's K/V write
+# into a select over a copy of the whole pool (a 8k-token SmolLM2 pool: ~1 s a decode step
+# instead of ~45 ms). One masked column costs nothing measurable on any device.
+MIN_PAGES = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,7 +226,17 @@ class ModelRunner:
             self.followers.send(("launch", seq, step, None if prev is None else prev.seq))
         prev_tokens = prev.last_tokens if prev is not None else self._no_tokens(S)
         assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
-        out, tgt, self.kv = _step(
+        out, tgt, self.kv = _step(*self._step_args(step, prev_tokens))
+        self.num_steps += step.num_steps
+        return PendingStep(out, tgt, step.num_chunks, step.num_steps, seq)
+
+    def compiled_text(self, step: PreparedStep) -> str:
+        """The compiled program of `step`, as text (to check what XLA made of it)."""
+        S = step.batch.q_start.shape[0]
+        return _step.lower(*self._step_args(step, self._no_tokens(S))).compile().as_text()
+
+    def _step_args(self, step: PreparedStep, prev_tokens: jax.Array) -> tuple:
+        return (
             self.graphdef,
             self.kv.k.sharding,
             self.state,
@@ -236,8 +250,6 @@ class ModelRunner:
             prev_tokens,
             step.num_steps,
         )
-        self.num_steps += step.num_steps
-        return PendingStep(out, tgt, step.num_chunks, step.num_steps, seq)
 
     def collect(self, pending: PendingStep) -> StepResult:
         """Wait for a launched single step and copy its outputs to the host."""
@@ -277,9 +289,10 @@ class ModelRunner:
     def shape_for(self, chunks: Sequence[SeqChunk], decode: bool, num_steps: int = 1) -> Shape:
         if decode:
             s = bucket(len(chunks))
-            pages = fit_shape(chunks, self.page_size, num_steps=num_steps).P
+            pages = max(MIN_PAGES, fit_shape(chunks, self.page_size, num_steps=num_steps).P)
             return Shape(T=s, S=s, Q=1, P=pages, R=s)
-        shape = fit_shape(chunks, self.page_size, Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=1, R=1))
+        least = Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=MIN_PAGES, R=1)
+        shape = fit_shape(chunks, self.page_size, least)
         if shape.S == 1:  # one sequence owns every row: Q = T costs nothing and shares programs
             shape = dataclasses.replace(shape, Q=shape.T)
         return shape
@@ -308,7 +321,7 @@ class ModelRunner:
         """Compile the decode grid (batch x context buckets, for one step and for
         `decode_steps` steps a launch) and every single-request extend (token x context
         buckets: prefills, cache hits, prompt chunks)."""
-        page_buckets = _powers(1, -(-max_context // self.page_size))
+        page_buckets = _powers(MIN_PAGES, max(MIN_PAGES, -(-max_context // self.page_size)))
         steps = sorted({1, decode_steps})
         shapes = [
             ("decode", s, p, k) for k in steps for s in _powers(1, max_batch) for p in page_buckets

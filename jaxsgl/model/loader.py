@@ -160,7 +160,7 @@ def _build(
 ) -> LoadedModel:
     model_cfg, graphdef, state, shardings = abstract_model(cfg, dtype, mesh)
     if source is None:
-        params = _random_params(model_cfg, dtype, shardings, seed)
+        params = _random_params(cfg, model_cfg, dtype, shardings, seed)
     else:
         params = _checkpoint_params(cfg, state, shardings, source, mesh, progress)
     nnx.replace_by_pure_dict(state, params)
@@ -174,12 +174,25 @@ def _build(
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, dtype, path)
 
 
-def _random_params(model_cfg: ModelConfig, dtype, shardings, seed: int) -> dict:
-    # Generated on the devices, each shard where it lives: no host copy of a large model.
+# Parameters with a kv-head axis (after the stacked-layer axis), repeated like a checkpoint's
+# when the tensor size exceeds the kv heads (`sharding.kv_head_repeats`).
+_KV_HEAD_AXES = {"wk": 2, "wv": 2, "bk": 1, "bv": 1}
+
+
+def _random_params(cfg: ModelConfig, model_cfg: ModelConfig, dtype, shardings, seed: int) -> dict:
+    """Random weights of the model's own shape `cfg`, kv heads then repeated up to the device
+    config's: one seed gives one model at every tensor size. Generated on the devices, each
+    shard where it lives: no host copy of a large model."""
+    repeats = model_cfg.num_kv_heads // cfg.num_kv_heads
+
     @partial(jax.jit, out_shardings=shardings)
     def init():
-        model = Llama(model_cfg, dtype=dtype, rngs=nnx.Rngs(seed))
-        return nnx.to_pure_dict(nnx.state(model))
+        params = nnx.to_pure_dict(nnx.state(Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
+        layers = params["layers"]
+        for name, axis in _KV_HEAD_AXES.items():
+            if repeats > 1 and name in layers:
+                layers[name] = jnp.repeat(layers[name], repeats, axis=axis)
+        return params
 
     return init()
 
