@@ -90,3 +90,12 @@ def test_bad_policy_and_empty_pool_are_value_errors():
     for policy in (CacheAware(), RoundRobin(), ShortestQueue()):
         with pytest.raises(ValueError, match="no worker"):
             policy.choose("text", {})
+
+
+def test_cache_aware_spreads_new_prefixes_over_idle_workers():
+    policy = CacheAware()
+    loads = {"a": 0, "b": 0, "c": 0}
+    first = [policy.choose(f"group {g}: " + "x" * 50, loads) for g in "PQR"]
+    assert sorted(first) == ["a", "b", "c"]  # each new prefix to an idle worker holding least
+    again = [policy.choose(f"group {g}: " + "x" * 50 + " q2", loads) for g in "PQR"]
+    assert again == first  # and each group then stays where its prefix is

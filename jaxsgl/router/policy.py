@@ -5,7 +5,8 @@ A policy sees the request's text and each worker's load (requests in flight) and
 texts each worker got) when that prefix covers at least `cache_threshold` of the request, else
 to the least loaded worker; when loads are badly unbalanced (the busiest worker has more than
 `balance_abs` requests beyond the idlest and over `balance_rel` times as many) it sends to the
-least loaded whatever the cache says. Ties go to the least loaded, then the first listed.
+least loaded whatever the cache says. Ties go to the least loaded; a request sent by load goes
+to the least loaded worker holding the least remembered text, so new prefixes spread out.
 """
 
 from __future__ import annotations
@@ -97,7 +98,11 @@ class CacheAware(Policy):
                     self.num_cache_routed += 1
                     return least_loaded({w: loads[w] for w in loads if matched.get(w) == best})
         self.num_balance_routed += 1
-        return least_loaded(loads)
+        # Among the least loaded, the one remembered to hold the least text: new prefixes
+        # spread over the replicas' caches instead of piling onto the first listed.
+        low = min(loads.values())
+        idle = [w for w in loads if loads[w] == low]
+        return min(idle, key=lambda w: self.tree.num_chars.get(w, 0))
 
     def remove_worker(self, worker: Worker) -> None:
         with self._lock:
