@@ -12,7 +12,7 @@ from serving import cache_api, native_api, openai_api
 from serving.errors import auth_middleware, error_middleware
 from serving.metrics import Metrics
 from serving.openapi import openapi_spec
-from serving.server_state import ServerState
+from serving.server_state import DRAIN_SECONDS, STATE, ServerState
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +28,8 @@ def create_app(
     app = web.Application(
         middlewares=[error_middleware(), auth_middleware(api_key)], client_max_size=64 * 2**20
     )
-    app["state"] = ServerState(generator, model_name, metrics)
-    app["drain_seconds"] = drain_seconds
+    app[STATE] = ServerState(generator, model_name, metrics)
+    app[DRAIN_SECONDS] = drain_seconds
     app.router.add_post("/v1/completions", openai_api.completions)
     app.router.add_post("/v1/chat/completions", openai_api.chat_completions)
     app.router.add_get("/v1/models", openai_api.list_models)
@@ -51,7 +51,7 @@ def create_app(
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     body = await asyncio.to_thread(state.metrics.render)
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
@@ -62,10 +62,10 @@ async def _openapi(request: web.Request) -> web.Response:
 
 async def _drain(app: web.Application) -> None:
     """On SIGTERM: refuse new work, let running requests finish for a while, abort the rest."""
-    state: ServerState = app["state"]
+    state = app[STATE]
     state.draining = True
     generator = state.generator
-    deadline = asyncio.get_running_loop().time() + app["drain_seconds"]
+    deadline = asyncio.get_running_loop().time() + app[DRAIN_SECONDS]
     while generator.has_work and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.05)
     if generator.has_work:

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from jaxsgl.generator import Generator
 from serving.errors import HTTPError, json_body
-from serving.server_state import ServerState
+from serving.server_state import STATE
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ async def _prefix_args(request: web.Request) -> dict:
 
 async def pin_prefix(request: web.Request) -> web.Response:
     """Cache the prompt (computing it if needed) and keep its pages until unpinned."""
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     args = await _prefix_args(request)
     state.admit({})
     pinned = await asyncio.to_thread(state.generator.pin_prefix, **args)
@@ -51,14 +51,14 @@ async def pin_prefix(request: web.Request) -> web.Response:
 
 
 async def unpin_prefix(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     args = await _prefix_args(request)
     await asyncio.to_thread(state.generator.unpin_prefix, **args)
     return web.json_response({"success": True})
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     body = await json_body(request)
     text, special = body.get("text"), body.get("add_special_tokens", True)
     if not isinstance(text, str) or not isinstance(special, bool):

@@ -8,7 +8,7 @@ import dataclasses
 from aiohttp import web
 
 from serving.errors import HTTPError, json_body
-from serving.server_state import ServerState
+from serving.server_state import STATE, ServerState
 from serving.sse import SSEWriter
 
 _GENERATE_KEYS = {
@@ -18,7 +18,7 @@ _GENERATE_KEYS = {
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     body = await json_body(request)
     unknown = sorted(set(body) - _GENERATE_KEYS)
     if unknown:
@@ -97,14 +97,14 @@ async def _stream(request, state: ServerState, reqs) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     alive = state.generator.alive
     return web.Response(status=200 if alive else 503, text="ok" if alive else "engine stopped")
 
 
 async def health_generate(request: web.Request) -> web.Response:
     """A real one-token generation through the engine."""
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     reqs, _ = await state.make_requests(
         None,
         [state.generator.engine.loaded.config.bos_token_id or 0],
@@ -122,7 +122,7 @@ async def health_generate(request: web.Request) -> web.Response:
 
 
 async def model_info(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     engine = state.generator.engine
     return web.json_response(
         {
@@ -138,7 +138,7 @@ async def model_info(request: web.Request) -> web.Response:
 
 
 async def server_info(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     options = dataclasses.asdict(state.generator.options)
     integrity = await asyncio.to_thread(state.generator.check_integrity)
     return web.json_response(
@@ -152,7 +152,7 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     if not await asyncio.to_thread(state.generator.flush_cache):
         raise HTTPError(400, "cache not flushed: requests are running")
     return web.Response(text="Cache flushed.")

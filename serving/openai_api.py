@@ -11,14 +11,14 @@ from aiohttp import web
 from jaxsgl.engine.request import Request
 from serving import openai_params as op
 from serving.errors import HTTPError, error_body, json_body
-from serving.server_state import ServerState
+from serving.server_state import STATE, ServerState
 from serving.sse import SSEWriter
 
 FINISH = {"stop": "stop", "length": "length", "abort": "abort"}
 
 
 async def list_models(request: web.Request) -> web.Response:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     created = int(state.started)
     return web.json_response(
         {
@@ -38,7 +38,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     body = await json_body(request)
     op.check_model(body, state.served_names)
     stream, include_usage = op.check_stream(body)
@@ -57,7 +57,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    state: ServerState = request.app["state"]
+    state = request.app[STATE]
     body = await json_body(request)
     op.check_model(body, state.served_names)
     stream, include_usage = op.check_stream(body)

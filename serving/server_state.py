@@ -9,6 +9,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from aiohttp import web
+
 from jaxsgl.engine.request import Request
 from jaxsgl.generator import Generator
 from serving.errors import HTTPError
@@ -89,3 +91,7 @@ class ServerState:
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one state per server, ids are few
     def token_text(self, token_id: int) -> str:
         return self.generator.tokenizer.decode([token_id])
+
+
+STATE = web.AppKey("state", ServerState)  # the app's one ServerState
+DRAIN_SECONDS = web.AppKey("drain_seconds", float)  # how long SIGTERM waits for running requests
