@@ -119,9 +119,3 @@ def follow(runner, conn: Connection) -> int:
         outputs[seq] = pending
         outputs.pop(seq - KEPT_LAUNCHES, None)
         n += 1
-
-
-def host_arrays(tree: Any) -> Any:
-    """`tree` with every array as numpy (what crosses the channel and enters a multi-process
-    step as a replicated value)."""
-    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) else x, tree)

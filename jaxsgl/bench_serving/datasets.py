@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from jaxsgl.bench_serving.report import read_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -136,13 +137,7 @@ def load_sharegpt(
     """The first user/assistant exchange of each conversation in a ShareGPT JSON file; the
     output length is the answer's token count (or `output_len`). Exchanges shorter than two
     tokens either way, or longer than the context, are left out."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--dataset-path {str(path)!r} is not a file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"--dataset-path {str(path)!r} is not JSON: {e}") from e
+    data = read_json_file(path, "--dataset-path", missing="is not a file")
     if not isinstance(data, list):
         raise ValueError(f"{str(path)!r}: a ShareGPT file holds a list of conversations")
     prompts = []

@@ -96,15 +96,20 @@ def write_records(path: str | Path, records: list[RequestRecord]) -> None:
             f.write(json.dumps(r.to_json()) + "\n")
 
 
-def read_results(path: str | Path) -> dict[str, Any]:
-    """A results JSON as written by `write_results`."""
+def read_json_file(path: str | Path, what: str, missing: str = "does not exist") -> Any:
+    """The JSON in the file `path`; ValueError naming `what` it was meant to be."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"results file {str(path)!r} does not exist")
+        raise ValueError(f"{what} {str(path)!r} {missing}")
     try:
-        body = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"results file {str(path)!r} is not JSON: {e}") from e
+        raise ValueError(f"{what} {str(path)!r} is not JSON: {e}") from e
+
+
+def read_results(path: str | Path) -> dict[str, Any]:
+    """A results JSON as written by `write_results`."""
+    body = read_json_file(path, "results file")
     if not isinstance(body, dict) or not isinstance(body.get("summary"), dict):
         raise ValueError(f"{str(path)!r} is not a bench_serving results file (no summary)")
     return body

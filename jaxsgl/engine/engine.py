@@ -392,11 +392,6 @@ class Engine:
     def check_integrity(self) -> None:
         self.scheduler.check_integrity()
 
-    @property
-    def num_in_flight(self) -> int:
-        """Requests this engine holds (queued, running, or just finishing)."""
-        return len(self._requests)
-
     def metrics(self) -> dict[str, float]:
         """A snapshot of the counters (read from any thread; each value is a plain number)."""
         sched, kv, st = self.scheduler, self.scheduler.kv, self.stats

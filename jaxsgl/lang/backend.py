@@ -7,11 +7,10 @@ prompts, tokenize, pin and unpin — each for one cache namespace. Choice scorin
 
 from __future__ import annotations
 
+import functools
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
-
-from jaxsgl.lang.chat import TemplateRenderer
 
 # `max_new_tokens` 0: compute (and cache) the prompt; the one token sampled is ignored.
 PREFILL = {"max_new_tokens": 0, "temperature": 0.0}
@@ -20,7 +19,7 @@ PREFILL = {"max_new_tokens": 0, "temperature": 0.0}
 class Backend:
     """The calls a program makes; subclasses implement the underscored ones."""
 
-    renderer: TemplateRenderer | None = None
+    renderer: Callable[[list[dict]], str] | None = None  # a conversation's template text
 
     def render_chat(self, messages: list[dict]) -> str:
         if self.renderer is None:
@@ -69,8 +68,8 @@ class GeneratorBackend(Backend):
     def __init__(self, generator: Any):
         self.generator = generator
         tok = generator.tokenizer
-        if tok is not None and tok.chat_template is not None:
-            self.renderer = TemplateRenderer(tok.chat_template, tok.hf.bos_token, tok.hf.eos_token)
+        if tok is not None and tok.chat_template is not None:  # the model's own rendering
+            self.renderer = functools.partial(tok.render_chat, add_generation_prompt=False)
 
     def generate(self, text: str, params: dict, namespace: str) -> dict:
         return self.generator.generate(text, params, namespace=namespace)

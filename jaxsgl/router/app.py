@@ -19,7 +19,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from jaxsgl.router.errors import RouterError, auth_middleware, error_middleware, parse_json_object
+from jaxsgl.router.errors import HTTPError, auth_middleware, error_middleware, parse_json_object
 from jaxsgl.router.features import request_features
 from jaxsgl.router.metrics import RouterMetrics
 from jaxsgl.router.proxy import Call, Upstream, forward
@@ -102,7 +102,7 @@ async def _proxy(request: web.Request) -> web.StreamResponse:
     body = parse_json_object(raw)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise RouterError(400, f"stream must be a boolean, got {stream!r}")
+        raise HTTPError(400, f"stream must be a boolean, got {stream!r}")
     features = request_features(body, request.headers)
     headers = {"Content-Type": "application/json", **_worker_auth(router, request)}
     pool = router.config.rules.pool_for(features)
@@ -123,7 +123,7 @@ async def _models(request: web.Request) -> web.Response:
     for w in router.workers.healthy():
         first_healthy.setdefault(w.pool, w)
     if not first_healthy:
-        raise RouterError(503, "no healthy worker", "server_error")
+        raise HTTPError(503, "no healthy worker", "server_error")
     headers = _worker_auth(router, request)
     models: dict[str, dict] = {}
     for w in first_healthy.values():
@@ -135,7 +135,7 @@ async def _models(request: web.Request) -> web.Response:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             logger.warning("GET /v1/models from %s failed: %s", w.url, e)
     if not models:
-        raise RouterError(502, "no worker listed its models", "server_error")
+        raise HTTPError(502, "no worker listed its models", "server_error")
     return web.json_response({"object": "list", "data": list(models.values())})
 
 
@@ -154,9 +154,9 @@ async def _add_worker(request: web.Request) -> web.Response:
     body = parse_json_object(await request.read())
     unknown = sorted(set(body) - {"url", "pool"})
     if unknown:
-        raise RouterError(400, f"unknown fields: {', '.join(unknown)}")
+        raise HTTPError(400, f"unknown fields: {', '.join(unknown)}")
     if "url" not in body:
-        raise RouterError(400, "missing field: url")
+        raise HTTPError(400, "missing field: url")
     worker = router.workers.add(body["url"], body.get("pool", router.config.rules.default_pool))
     reason = await check_worker(router.upstream.session, worker, router.config.health_timeout_s)
     router.workers.record_check(worker, not reason, reason)
@@ -166,11 +166,11 @@ async def _add_worker(request: web.Request) -> web.Response:
 async def _remove_worker(request: web.Request) -> web.Response:
     body = parse_json_object(await request.read())
     if set(body) != {"url"}:
-        raise RouterError(400, 'the body must be {"url": ...}')
+        raise HTTPError(400, 'the body must be {"url": ...}')
     try:
         worker = request.app[ROUTER].workers.remove(body["url"])
     except KeyError:
-        raise RouterError(404, f"no worker {body['url']!r}", "not_found_error") from None
+        raise HTTPError(404, f"no worker {body['url']!r}", "not_found_error") from None
     return web.json_response(worker.as_json())
 
 

@@ -13,12 +13,10 @@ from jaxsgl.http_errors import (
 from jaxsgl.http_errors import error_middleware as _error_middleware
 from jaxsgl.router.workers import NoWorkerError
 
-RouterError = HTTPError  # an error answer: status, message, OpenAI error type
-
 error_middleware = _error_middleware({NoWorkerError: (503, "server_error")}, what="router")
 
 __all__ = [
-    "RouterError",
+    "HTTPError",
     "auth_middleware",
     "error_body",
     "error_middleware",

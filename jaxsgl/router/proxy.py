@@ -19,7 +19,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
-from jaxsgl.router.errors import RouterError, error_body
+from jaxsgl.router.errors import HTTPError, error_body
 from jaxsgl.router.workers import NoWorkerError, Worker, WorkerSet
 
 logger = logging.getLogger(__name__)
@@ -61,7 +61,7 @@ async def forward(up: Upstream, call: Call, request: web.Request) -> web.StreamR
         except NoWorkerError as e:
             if not tried:
                 raise
-            raise RouterError(503, f"{e}; last failure: {failure}", "server_error") from None
+            raise HTTPError(503, f"{e}; last failure: {failure}", "server_error") from None
         if attempt:
             up.workers.retries_total[call.pool] += 1
             logger.info("retrying on %s after: %s", worker.url, failure)
@@ -74,7 +74,7 @@ async def forward(up: Upstream, call: Call, request: web.Request) -> web.StreamR
             worker.in_flight -= 1
         if response is not None:
             return response
-    raise RouterError(502, f"{len(tried)} workers failed; last failure: {failure}", "server_error")
+    raise HTTPError(502, f"{len(tried)} workers failed; last failure: {failure}", "server_error")
 
 
 async def _send(
@@ -92,7 +92,7 @@ async def _send(
         return None, _failed(up, worker, e)
     except TimeoutError:
         worker.failures_total += 1
-        raise RouterError(504, f"worker {worker.url} timed out", "server_error") from None
+        raise HTTPError(504, f"worker {worker.url} timed out", "server_error") from None
     except _CONNECTION_ERRORS as e:
         return None, _failed(up, worker, e)
     if status >= 500:
