@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -78,13 +79,18 @@ def write_results(
     settings: dict[str, Any],
     details_path: str | Path | None,
 ) -> None:
-    """The results JSON: the summary (NaN as null), the settings, and the records' path."""
+    """The results JSON: the summary (NaN as null), the settings, and the records' path
+    (relative to the results file's folder, so the two can move together)."""
     body = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "label": settings.get("label") or Path(path).stem,
         "summary": {k: _finite(v) for k, v in summary.items()},
         "settings": {k: _finite(v, "inf") for k, v in settings.items()},
-        "details_file": str(Path(details_path).resolve()) if details_path else None,
+        "details_file": (
+            os.path.relpath(Path(details_path).resolve(), Path(path).resolve().parent)
+            if details_path
+            else None
+        ),
     }
     Path(path).write_text(json.dumps(body, indent=2) + "\n")
 

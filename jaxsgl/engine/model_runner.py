@@ -13,6 +13,7 @@ import itertools
 import logging
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import jax
@@ -317,10 +318,14 @@ class ModelRunner:
         chunk_tokens: int,
         progress: bool = True,
         decode_steps: int = 1,
+        compile_threads: int | None = None,
     ) -> int:
         """Compile the decode grid (batch x context buckets, for one step and for
         `decode_steps` steps a launch) and every single-request extend (token x context
-        buckets: prefills, cache hits, prompt chunks)."""
+        buckets: prefills, cache hits, prompt chunks).
+
+        XLA compiles the shapes side by side on `compile_threads` threads (default: one per
+        core, at most 16); then each shape runs once on the device, from JAX's cache."""
         page_buckets = _powers(MIN_PAGES, max(MIN_PAGES, -(-max_context // self.page_size)))
         steps = sorted({1, decode_steps})
         shapes = [
@@ -328,21 +333,34 @@ class ModelRunner:
         ]
         for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
             shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
-        for kind, n, p, k in tqdm(shapes, desc="Compiling step shapes", disable=not progress):
-            self._run_dummy(kind, n, p, k)
+        prepared = [self._dummy_step(*shape) for shape in shapes]
+        for step in prepared:  # made here, not in the threads
+            self._no_tokens(step.batch.q_start.shape[0])
+        threads = compile_threads or min(16, os.cpu_count() or 1)
+        bar = tqdm(total=len(shapes), desc="Compiling step shapes", disable=not progress)
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            for _ in pool.map(self._compile, prepared):
+                bar.update()
+        bar.close()
+        for step in prepared:
+            self.collect_steps(self.launch(step))
         return len(shapes)
 
-    def _run_dummy(self, kind: str, n: int, pages: int, num_steps: int = 1) -> None:
-        # Writes go to scratch page 0 only, so the pool's contents are untouched.
+    def _dummy_step(self, kind: str, n: int, pages: int, num_steps: int = 1) -> PreparedStep:
+        """A greedy step of the shape (kind, n sequences or tokens, pages) that writes only to
+        scratch page 0, leaving the pool's contents untouched."""
         greedy = RowState(params=SamplingParams(temperature=0.0), seed=0)
         if kind == "decode":
             prefix = max(0, pages * self.page_size - num_steps)
             chunks = [SeqChunk([0], prefix, [0] * pages)] * n
-            step = self.prepare(chunks, [greedy] * n, True, num_steps=num_steps)
-            self.collect_steps(self.launch(step))
-        else:
-            chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
-            self.run([chunk], [greedy], decode=False)
+            return self.prepare(chunks, [greedy] * n, True, num_steps=num_steps)
+        chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
+        return self.prepare([chunk], [greedy], False)
+
+    def _compile(self, step: PreparedStep) -> None:
+        """Compile `step`'s program into JAX's in-memory cache (safe from several threads)."""
+        S = step.batch.q_start.shape[0]
+        _step.lower(*self._step_args(step, self._no_tokens(S))).compile()
 
 
 @partial(jax.jit, static_argnums=(0, 1, 7, 11), donate_argnums=3)
