@@ -1,0 +1,160 @@
+#!/bin/bash
+# The multi-GPU figures of RESULTS.md, in parts of under ten minutes each. Runs that need
+# fewer cards go side by side on disjoint cards (lanes); runs that need them all go after.
+# Llama-3-8B with dummy bf16 weights throughout.
+#
+#   OUT=results-dir bash benchmarks/gpu_lanes.sh PART
+#
+# Two cards (one host):
+#   serving-1  card 0: the multi-turn scenario of benchmarks/serving_scenarios.md at TP 1
+#              without the radix cache; card 1: the GPU's ceilings, the multi-turn scenario at
+#              TP 1 with the radix cache, then the random 512/256 scenario.
+#   engine     card 0: the engine's decode step at TP 1 (batch 1 and 128, eight steps a
+#              launch), then bench_one_batch at batch 1 without and with the layer loop in
+#              one CUDA graph; card 1: constrained output with and without jump-forward
+#              (TOKENIZER= a tokenizer folder); then both: the decode step at TP 2.
+#   serving-2  the multi-turn scenario at TP 2 and at DP 2 with the radix cache, greedy parity
+#              of TP 1 and TP 2, and the table of every serving run against TP 1 without the
+#              radix cache.
+# Four cards (one host), every row of the deployment table on one machine:
+#   four-1     lanes: TP 1 without the radix cache; TP 1 with it, then bench_one_batch at TP 1;
+#              TP 2 with it, then greedy parity of TP 1 and TP 2.
+#   four-2     TP 4 and DP 4 with the radix cache, then bench_one_batch at TP 4.
+set -u
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-benchmarks/results/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')-$(date +%F)}
+mkdir -p "$OUT"
+# MODEL_ARGS, MT_SESSIONS and SERVER_ARGS (added to every server's flags) shrink the runs for
+# a dry run on the CPU.
+read -r -a MODEL <<< "${MODEL_ARGS:---model-path llama-3-8b --load-format dummy --dtype bfloat16}"
+
+run() {  # name, seconds, cards, command...
+    local name=$1 limit=$2 cards=$3
+    shift 3
+    local t0=$SECONDS
+    CUDA_VISIBLE_DEVICES=$cards timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    echo "== $name (cards $cards): exit $?, $((SECONDS - t0)) s"
+}
+
+engine() {
+    (
+        run overlap_gap_tp1 200 0 python benchmarks/overlap_gap.py --model-path llama-3-8b \
+            --batch-size 1 128 --input-len 1024 --output-len 64 --overlap on \
+            --decode-steps 8 --out "$OUT/overlap_gap_tp1.json"
+        # Batch 1 as it is, then with the whole layer loop in one CUDA graph (XLA's command
+        # buffers take while loops only when asked).
+        local bs1=(--batch-size 1 --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
+        run one_batch_bs1 100 0 python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${bs1[@]}" \
+            --result-file "$OUT/one_batch.jsonl"
+        local graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+        XLA_FLAGS="--xla_gpu_enable_command_buffer=$graphs" run one_batch_bs1_graph 100 0 \
+            python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${bs1[@]}" \
+            --result-file "$OUT/one_batch_graph.jsonl"
+    ) &
+    run jump_forward 220 1 python benchmarks/jump_forward.py "${MODEL[@]}" \
+        --tokenizer-path "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" --num-prompts 64 &
+    wait
+    run overlap_gap_tp2 150 0,1 python benchmarks/overlap_gap.py --model-path llama-3-8b \
+        --tp-size 2 --batch-size 128 --input-len 1024 --output-len 64 --overlap on \
+        --decode-steps 8 --out "$OUT/overlap_gap_tp2.json"
+    for f in "$OUT"/*.log; do echo "--- $f"; tail -n 6 "$f"; done
+}
+
+MT=(--dataset-name multi-turn --mt-num-sessions "${MT_SESSIONS:-256}" --mt-turns 5 --mt-turn-len 512
+    --mt-output-len 256 --max-concurrency 256 --warmup-requests 8 --flush-cache --seed 1)
+
+serve() {  # label, cards, port, seconds, "server flags", bench flags...
+    local label=$1 cards=$2 port=$3 limit=$4 flags=$5
+    shift 5
+    local t0=$SECONDS
+    # shellcheck disable=SC2086 # the server flags are words
+    CUDA_VISIBLE_DEVICES=$cards python -m jaxsgl.launch_server "${MODEL[@]}" \
+        --host 127.0.0.1 --port "$port" --max-running-requests 256 --log-level warning \
+        $flags ${SERVER_ARGS:-} > "$OUT/$label.server.log" 2>&1 &
+    local server=$!
+    until curl -sf "localhost:$port/health" > /dev/null; do
+        if ! kill -0 "$server" 2> /dev/null || ((SECONDS - t0 > limit)); then
+            echo "== $label: the server did not come up"
+            kill "$server" 2> /dev/null
+            return
+        fi
+        sleep 2
+    done
+    local up=$((SECONDS - t0))
+    timeout $((limit - up)) python -m jaxsgl.bench_serving --backend jaxsgl --port "$port" \
+        --label "$label" --output-file "$OUT/$label.json" "$@" > "$OUT/$label.log" 2>&1
+    echo "== $label (cards $cards): exit $?, server up in $up s, $((SECONDS - t0)) s in all"
+    kill "$server"
+    wait "$server" 2> /dev/null
+}
+
+mt_tp1_noradix() {
+    serve mt-tp1-noradix "$1" 30000 420 "--context-length 4096 --disable-radix-cache" "${MT[@]}"
+}
+
+ceilings_radix_random() {  # the ceilings are measured first, while nothing else holds the card
+    CUDA_VISIBLE_DEVICES=$1 python -m jaxsgl.roofline --out "$OUT/ceilings.json" \
+        > "$OUT/ceilings.log" 2>&1
+    serve mt-tp1-radix "$1" 30001 240 "--context-length 4096" "${MT[@]}"
+    random-tp1 "$1" "$OUT/ceilings.json"
+}
+
+random-tp1() {  # cards, ceilings file
+    serve random-tp1 "$1" 30001 200 "--context-length 1024" --dataset-name random \
+        --random-input-len 512 --random-output-len 256 --num-prompts 1000 \
+        --max-concurrency 256 --warmup-requests 8 --flush-cache --seed 1 \
+        --roofline-model llama-3-8b --ceilings "$2"
+}
+
+tp2_dp2() {
+    serve mt-tp2-radix "$1" 30002 220 "--context-length 4096 --tp-size 2" "${MT[@]}"
+    serve mt-dp2-radix "$1" 30002 220 "--context-length 4096 --dp-size 2" "${MT[@]}"
+}
+
+table() {
+    python benchmarks/serving_table.py "$OUT"/mt-*.json "$OUT"/random-tp1.json \
+        --baseline "$OUT/mt-tp1-noradix.json"
+}
+
+serving-1() {
+    mt_tp1_noradix 0 &
+    ceilings_radix_random 1 &
+    wait
+}
+
+serving-2() {
+    tp2_dp2 0,1
+    run backend_parity 120 0,1 python benchmarks/backend_parity.py --backends pallas \
+        --tp-sizes 1 2 --model-path benchmarks/configs/tiny-gqa4 \
+        --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json"
+    tail -n 4 "$OUT/backend_parity.log"
+    table
+}
+
+four-1() {
+    mt_tp1_noradix 0 &
+    (
+        serve mt-tp1-radix 1 30001 260 "--context-length 4096" "${MT[@]}"
+        run one_batch_tp1 100 1 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
+            --batch-size 1 128 --input-len 1024 --output-len 16 \
+            --result-file "$OUT/one_batch.jsonl"
+    ) &
+    (
+        serve mt-tp2-radix 2,3 30002 220 "--context-length 4096 --tp-size 2" "${MT[@]}"
+        run backend_parity 100 2,3 python benchmarks/backend_parity.py --backends pallas \
+            --tp-sizes 1 2 --model-path benchmarks/configs/tiny-gqa4 \
+            --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json"
+    ) &
+    wait
+}
+
+four-2() {
+    serve mt-tp4-radix 0,1,2,3 30000 170 "--context-length 4096 --tp-size 4" "${MT[@]}"
+    serve mt-dp4-radix 0,1,2,3 30000 200 "--context-length 4096 --dp-size 4" "${MT[@]}"
+    run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
+        --tp-size 4 --batch-size 1 128 --input-len 1024 --output-len 16 \
+        --result-file "$OUT/one_batch.jsonl"
+}
+
+"${@:?serving-1, engine, serving-2, four-1, four-2 or random-tp1 CARDS CEILINGS}"
