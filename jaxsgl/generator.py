@@ -10,9 +10,13 @@ with Generator() as gen:                       # the embedded SmolLM2
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import itertools
 import queue
+import threading
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -37,6 +41,8 @@ class Generator:
         self.tokenizer = self.engine.tokenizer
         if self.options.chat_template is not None and self.tokenizer is not None:
             self.tokenizer.hf.chat_template = self.options.chat_template
+        self._inboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._inbox_lock = threading.Lock()
         self.replicas.start()
         self._ids = itertools.count()
 
@@ -182,21 +188,37 @@ class Generator:
     async def stream_events(self, reqs: Sequence[Request]) -> AsyncIterator[dict]:
         """Submit `reqs` and yield their events until all finish. Leaving early (a closed
         stream, a cancelled task: a client that went away) aborts whatever still runs."""
-        loop = asyncio.get_running_loop()
+        async with contextlib.aclosing(self.stream_event_batches(reqs)) as batches:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+
+    async def stream_event_batches(self, reqs: Sequence[Request]) -> AsyncIterator[list[dict]]:
+        """`stream_events`, a list at a time: every event that has arrived when the caller
+        asks (at least one), so a caller that falls behind catches up in one go."""
+        inbox = self._inbox(asyncio.get_running_loop())
         events: asyncio.Queue = asyncio.Queue()
         for req in reqs:
-            req.on_event = lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev)
+            req.on_event = functools.partial(inbox.put, events)
             self.replicas.submit(req)
         left = len(reqs)
         try:
             while left:
-                ev = await events.get()
-                left -= ev["finished"]
-                yield ev
+                batch = [await events.get()]
+                while not events.empty():
+                    batch.append(events.get_nowait())
+                left -= sum(ev["finished"] for ev in batch)
+                yield batch
         finally:
             if left:
                 for r in reqs:
                     self.replicas.abort(r.rid)
+
+    def _inbox(self, loop: asyncio.AbstractEventLoop) -> _LoopInbox:
+        with self._inbox_lock:
+            if loop not in self._inboxes:
+                self._inboxes[loop] = _LoopInbox(loop)
+            return self._inboxes[loop]
 
     def chat(self, messages: list[dict], sampling_params: dict | None = None, **kwargs: Any):
         """Apply the chat template and generate the assistant's answer."""
@@ -333,6 +355,32 @@ def _collect(reqs: Sequence[Request], events: Iterable[dict]) -> list[dict]:
         }
         for r in reqs
     ]
+
+
+class _LoopInbox:
+    """Events from engine threads for one asyncio loop, handed over in batches: the loop is
+    woken once for all the events of an engine step, not once per request."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the inbox lives in a weak map keyed by the loop
+        self._pending: list[tuple[asyncio.Queue, dict]] = []
+        self._lock = threading.Lock()
+
+    def put(self, events: asyncio.Queue, ev: dict) -> None:
+        """From any thread: `ev` goes into `events` on the loop's thread (dropped once the
+        loop is gone: nobody is left to read it)."""
+        with self._lock:
+            wake = not self._pending
+            self._pending.append((events, ev))
+        loop = self._loop()
+        if wake and loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for events, ev in pending:
+            events.put_nowait(ev)
 
 
 async def _indexed(reqs: Sequence[Request], events: AsyncIterator[dict]) -> AsyncIterator[dict]:

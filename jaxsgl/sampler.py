@@ -342,12 +342,19 @@ _PADDING_ROW = RowState(params=SamplingParams(temperature=0.0), seed=0)
 _Entries = tuple[list[int], list]  # one row of a sparse table: ids and their values
 
 
+_NO_ENTRIES: tuple[_Entries, ...] = (([], []),) * 4
+
+
 def _sparse_rows(row: RowState, eos_token_ids: Sequence[int]) -> tuple[_Entries, ...]:
     """The row's (output counts, seen tokens, logit bias, suppressed ids) entries."""
     p = row.params
-    generated = {t: c for t, c in row.output_counts.items() if c > 0}
-    if not (p.frequency_penalty or p.presence_penalty):
-        generated = {}
+    penalized = p.frequency_penalty or p.presence_penalty
+    short = row.num_output_tokens < p.min_new_tokens
+    if not (penalized or p.repetition_penalty != 1 or short or p.logit_bias):
+        return _NO_ENTRIES  # the common row: nothing to look at, whatever its length
+    generated = {}
+    if penalized:
+        generated = {t: c for t, c in row.output_counts.items() if c > 0}
     seen = []
     if p.repetition_penalty != 1:
         seen = sorted(set(row.prompt_ids).union(t for t, c in row.output_counts.items() if c))

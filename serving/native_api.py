@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 
 from aiohttp import web
@@ -73,23 +74,29 @@ async def generate(request: web.Request) -> web.StreamResponse:
 
 
 async def _stream(request, state: ServerState, reqs) -> web.StreamResponse:
-    """Each chunk carries the request's whole text and ids so far, as SGLang streams them."""
+    """Each chunk carries the request's whole text and ids so far, as SGLang streams them.
+    Events that arrived together make one chunk a request (the latest state), so a server
+    under load writes fewer, not longer, chunks."""
     sse = SSEWriter()
     await sse.start(request)
     text = {r.rid: "" for r in reqs}
     index = {r.rid: i for i, r in enumerate(reqs)}
     try:
-        async for ev in state.events(reqs):
-            text[ev["rid"]] += ev["text"]
-            req = reqs[index[ev["rid"]]]
-            await sse.send(
-                {
-                    "text": text[ev["rid"]],
-                    "output_ids": list(req.output_ids),
-                    "meta_info": ev["meta_info"],
-                    "index": index[ev["rid"]],
-                }
-            )
+        async with contextlib.aclosing(state.event_batches(reqs)) as batches:
+            async for batch in batches:
+                latest = {}
+                for ev in batch:
+                    text[ev["rid"]] += ev["text"]
+                    latest[ev["rid"]] = ev
+                for rid, ev in latest.items():
+                    await sse.send(
+                        {
+                            "text": text[rid],
+                            "output_ids": list(reqs[index[rid]].output_ids),
+                            "meta_info": ev["meta_info"],
+                            "index": index[rid],
+                        }
+                    )
     except HTTPError as e:
         await sse.send({"error": {"message": e.message, "type": e.type, "code": e.status}})
     await sse.done()

@@ -79,14 +79,25 @@ class ServerState:
 
     async def events(self, reqs: list[Request]) -> AsyncIterator[dict]:
         """The requests' engine events; the metrics see each finish. Closing early aborts."""
-        async with contextlib.aclosing(self.generator.stream_events(reqs)) as events:
-            async for ev in events:
-                if ev["finished"]:
-                    self.metrics.observe_finished(ev["meta_info"])
-                    reason = ev["meta_info"]["finish_reason"]
-                    if reason["type"] == "abort":
-                        raise HTTPError(400, f"request aborted: {reason['message']}")
-                yield ev
+        async with contextlib.aclosing(self.event_batches(reqs)) as batches:
+            async for batch in batches:
+                for ev in batch:
+                    yield ev
+
+    async def event_batches(self, reqs: list[Request]) -> AsyncIterator[list[dict]]:
+        """`events`, as many at a time as have arrived (see `Generator.stream_event_batches`).
+        A request aborted by the engine is an HTTPError after the events before it."""
+        async with contextlib.aclosing(self.generator.stream_event_batches(reqs)) as batches:
+            async for batch in batches:
+                for i, ev in enumerate(batch):
+                    if ev["finished"]:
+                        self.metrics.observe_finished(ev["meta_info"])
+                        reason = ev["meta_info"]["finish_reason"]
+                        if reason["type"] == "abort":
+                            if i:
+                                yield batch[:i]
+                            raise HTTPError(400, f"request aborted: {reason['message']}")
+                yield batch
 
     @functools.lru_cache(maxsize=65536)  # noqa: B019 - one state per server, ids are few
     def token_text(self, token_id: int) -> str:

@@ -281,3 +281,34 @@ def test_counters(gen):
     assert m["generation_tokens_total"] == st.generation_tokens
     assert 0 <= m["cached_tokens_total"] <= m["prompt_tokens_total"]
     assert 0.0 <= m["token_usage"] <= 1.0
+
+
+def test_events_from_another_thread_reach_the_loop_in_order_with_one_wake_up_a_burst():
+    import asyncio
+    import threading
+
+    from jaxsgl.generator import _LoopInbox
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        inbox = _LoopInbox(loop)
+        deliveries = 0
+        deliver = inbox._deliver
+
+        def counting_deliver():
+            nonlocal deliveries
+            deliveries += 1
+            deliver()
+
+        inbox._deliver = counting_deliver
+        events: asyncio.Queue = asyncio.Queue()
+        # The loop is busy in this coroutine while the thread sends a burst of 200 events.
+        sender = threading.Thread(target=lambda: [inbox.put(events, i) for i in range(200)])
+        sender.start()
+        sender.join()
+        received = [await events.get() for _ in range(200)]
+        return received, deliveries
+
+    received, deliveries = asyncio.run(main())
+    assert received == list(range(200))
+    assert deliveries == 1
