@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
@@ -34,7 +35,13 @@ class Replicas:
                 f"but only {len(devices)} are visible"
             )
         groups = [devices[i * tp : (i + 1) * tp] for i in range(dp)] if dp > 1 else [None]
-        self.engines = [Engine(options, progress, devices=g) for g in groups]
+        if len(groups) == 1:
+            self.engines = [Engine(options, progress, devices=groups[0])]
+        else:  # each replica compiles programs of its own devices: build them side by side
+            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
+                self.engines = list(
+                    pool.map(lambda g: Engine(options, progress, devices=g), groups)
+                )
         self.policy = make_policy(options.load_balance_method)
         self._loads = [0] * len(self.engines)  # requests submitted and not yet finished
         self._lock = threading.Lock()
