@@ -118,6 +118,43 @@ def test_record_json_round_trip(tmp_path):
     assert report.baseline_gpu_s(tmp_path / "r.json") == results["summary"]["gpu_s_per_request"]
 
 
+def test_results_move_with_their_records_and_table_ratios(tmp_path):
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "benchmarks" / "serving_table.py"
+    spec = importlib.util.spec_from_file_location("serving_table", script)
+    serving_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(serving_table)
+
+    rng = np.random.default_rng(3)
+    for name, devices in (("base", 1), ("two", 2)):
+        records = _records(rng, 20)
+        report.write_records(tmp_path / f"{name}.jsonl", records)
+        summary = summarize(records, devices)
+        report.write_results(tmp_path / f"{name}.json", summary, {}, tmp_path / f"{name}.jsonl")
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("elsewhere"))
+    results = report.read_results(moved / "two.json")
+    assert report.read_records(results, moved / "two.json")  # found beside the moved file
+
+    base = report.read_results(moved / "base.json")["summary"]
+    two = results["summary"]
+    [row_base, row_two] = serving_table.table_rows(
+        [str(moved / "base.json"), str(moved / "two.json")], str(moved / "base.json")
+    )
+    assert row_base["x_throughput"] == row_base["x_cost"] == row_base["x_p99"] == 1.0
+    assert row_two["x_throughput"] == pytest.approx(
+        two["request_throughput"] / base["request_throughput"]
+    )
+    assert row_two["x_p99"] == pytest.approx(two["p99_e2e_ms"] / base["p99_e2e_ms"])
+    assert row_two["x_cost"] == pytest.approx(two["gpu_s_per_request"] / base["gpu_s_per_request"])
+    lines = serving_table.markdown([row_base, row_two]).splitlines()
+    assert len(lines) == 4 and lines[3].startswith("| two | 2 |")
+    assert f"{row_two['x_cost']:.2f} |" in lines[3]
+
+
 class _Space(datasets.TokenSpace):
     def __init__(self, seed=0, vocab=1000):
         super().__init__(np.random.default_rng(seed), vocab)
