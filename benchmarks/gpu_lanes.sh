@@ -25,8 +25,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRA
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-benchmarks/results/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')-$(date +%F)}
 mkdir -p "$OUT"
-# MODEL_ARGS, MT_SESSIONS and SERVER_ARGS (added to every server's flags) shrink the runs for
-# a dry run on the CPU.
+# SERVER_ARGS is added to every server's flags (e.g. "--num-continuous-decode-steps 8");
+# MODEL_ARGS and MT_SESSIONS shrink the runs for a dry run on the CPU.
 read -r -a MODEL <<< "${MODEL_ARGS:---model-path llama-3-8b --load-format dummy --dtype bfloat16}"
 
 run() {  # name, seconds, cards, command...
