@@ -369,12 +369,15 @@ class _LoopInbox:
     def put(self, events: asyncio.Queue, ev: dict) -> None:
         """From any thread: `ev` goes into `events` on the loop's thread (dropped once the
         loop is gone: nobody is left to read it)."""
+        loop = self._loop()
+        if loop is None or loop.is_closed():
+            return
         with self._lock:
             wake = not self._pending
             self._pending.append((events, ev))
-        loop = self._loop()
-        if wake and loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._deliver)
+        if wake:
+            with contextlib.suppress(RuntimeError):  # the loop closed just now
+                loop.call_soon_threadsafe(self._deliver)
 
     def _deliver(self) -> None:
         with self._lock:
