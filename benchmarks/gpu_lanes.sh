@@ -38,6 +38,7 @@ run() {  # name, seconds, cards, command...
 }
 
 engine() {
+    : "${TOKENIZER:?set TOKENIZER to a tokenizer folder}"
     (
         run overlap_gap_tp1 200 0 python benchmarks/overlap_gap.py --model-path llama-3-8b \
             --batch-size 1 128 --input-len 1024 --output-len 64 --overlap on \
@@ -53,7 +54,7 @@ engine() {
             --result-file "$OUT/one_batch_graph.jsonl"
     ) &
     run jump_forward 220 1 python benchmarks/jump_forward.py "${MODEL[@]}" \
-        --tokenizer-path "${TOKENIZER:?set TOKENIZER to a tokenizer folder}" --num-prompts 64 &
+        --tokenizer-path "$TOKENIZER" --num-prompts 64 &
     wait
     run overlap_gap_tp2 150 0,1 python benchmarks/overlap_gap.py --model-path llama-3-8b \
         --tp-size 2 --batch-size 128 --input-len 1024 --output-len 64 --overlap on \
@@ -73,16 +74,17 @@ serve() {  # label, cards, port, seconds, "server flags", bench flags...
         --host 127.0.0.1 --port "$port" --max-running-requests 256 --log-level warning \
         $flags ${SERVER_ARGS:-} > "$OUT/$label.server.log" 2>&1 &
     local server=$!
-    until curl -sf "localhost:$port/health" > /dev/null; do
+    until curl -sf --max-time 5 "localhost:$port/health" > /dev/null; do
         if ! kill -0 "$server" 2> /dev/null || ((SECONDS - t0 > limit)); then
             echo "== $label: the server did not come up"
             kill "$server" 2> /dev/null
+            wait "$server" 2> /dev/null
             return
         fi
         sleep 2
     done
     local up=$((SECONDS - t0))
-    timeout $((limit - up)) python -m jaxsgl.bench_serving --backend jaxsgl --port "$port" \
+    timeout $((limit > up + 1 ? limit - up : 1)) python -m jaxsgl.bench_serving --backend jaxsgl --port "$port" \
         --label "$label" --output-file "$OUT/$label.json" "$@" > "$OUT/$label.log" 2>&1
     echo "== $label (cards $cards): exit $?, server up in $up s, $((SECONDS - t0)) s in all"
     kill "$server"

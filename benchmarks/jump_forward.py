@@ -57,7 +57,8 @@ def run(args, jump_forward: bool) -> dict:
         # Both passes start from an empty cache, so the timed one takes the step shapes the
         # first compiled (a cached prompt would make its extends new shapes).
         gen.generate(input_ids=prompts, sampling_params=params)
-        gen.flush_cache()
+        if not gen.flush_cache():
+            raise RuntimeError("the cache could not be flushed between the passes")
         steps0 = gen.engine.stats.num_decode_steps
         t0 = time.perf_counter()
         outs = gen.generate(input_ids=prompts, sampling_params=params)

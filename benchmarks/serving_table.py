@@ -35,18 +35,29 @@ def table_rows(paths: list[str], baseline: str) -> list[dict]:
         results = read_results(path)
         s = dict(results["summary"])
         s["label"] = results.get("label") or Path(path).stem
-        s["x_throughput"] = s["request_throughput"] / base["request_throughput"]
-        s["x_p99"] = s["p99_e2e_ms"] / base["p99_e2e_ms"]
-        s["x_cost"] = s["gpu_s_per_request"] / base["gpu_s_per_request"]
+        s["x_throughput"] = _ratio(s["request_throughput"], base["request_throughput"])
+        s["x_p99"] = _ratio(s["p99_e2e_ms"], base["p99_e2e_ms"])
+        s["x_cost"] = _ratio(s["gpu_s_per_request"], base["gpu_s_per_request"])
         rows.append(s)
     return rows
 
 
+def _ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
 def markdown(rows: list[dict]) -> str:
+    """The rows as a Markdown table; a figure a run lacks (no request succeeded) is n/a."""
     lines = ["| " + " | ".join(name for name, _ in COLUMNS) + " |"]
     lines.append("|" + "---|" * len(COLUMNS))
     for row in rows:
-        lines.append("| " + " | ".join(fmt.format(**row) for _, fmt in COLUMNS) + " |")
+        cells = []
+        for _, fmt in COLUMNS:
+            try:
+                cells.append(fmt.format(**row))
+            except (TypeError, KeyError):
+                cells.append("n/a")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

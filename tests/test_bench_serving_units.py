@@ -135,9 +135,12 @@ def test_results_move_with_their_records_and_table_ratios(tmp_path):
         summary = summarize(records, devices)
         report.write_results(tmp_path / f"{name}.json", summary, {}, tmp_path / f"{name}.jsonl")
     moved = tmp_path / "elsewhere"
-    shutil.copytree(tmp_path, moved, ignore=shutil.ignore_patterns("elsewhere"))
+    moved.mkdir()
+    for f in list(tmp_path.glob("*.json*")):
+        shutil.move(f, moved / f.name)
     results = report.read_results(moved / "two.json")
-    assert report.read_records(results, moved / "two.json")  # found beside the moved file
+    assert results["details_file"] == "two.jsonl"
+    assert len(report.read_records(results, moved / "two.json")) == 20  # beside the moved file
 
     base = report.read_results(moved / "base.json")["summary"]
     two = results["summary"]
@@ -153,6 +156,8 @@ def test_results_move_with_their_records_and_table_ratios(tmp_path):
     lines = serving_table.markdown([row_base, row_two]).splitlines()
     assert len(lines) == 4 and lines[3].startswith("| two | 2 |")
     assert f"{row_two['x_cost']:.2f} |" in lines[3]
+    failed = dict(row_two, p99_e2e_ms=None, x_p99=None)  # a run where nothing succeeded
+    assert serving_table.markdown([failed]).splitlines()[2].count("| n/a |") == 2  # P99, P99 ×
 
 
 class _Space(datasets.TokenSpace):

@@ -325,7 +325,9 @@ class ModelRunner:
         buckets: prefills, cache hits, prompt chunks).
 
         XLA compiles the shapes side by side on `compile_threads` threads (default: one per
-        core, at most 16); then each shape runs once on the device, from JAX's cache."""
+        core, at most 16); then each shape runs once on the device, from JAX's cache. Across
+        processes (multi-host) every process must compile each program together with the
+        others, so there the shapes compile one at a time, as each launches everywhere."""
         page_buckets = _powers(MIN_PAGES, max(MIN_PAGES, -(-max_context // self.page_size)))
         steps = sorted({1, decode_steps})
         shapes = [
@@ -334,16 +336,20 @@ class ModelRunner:
         for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
             shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
         prepared = [self._dummy_step(*shape) for shape in shapes]
-        for step in prepared:  # made here, not in the threads
-            self._no_tokens(step.batch.q_start.shape[0])
-        threads = compile_threads or min(16, os.cpu_count() or 1)
+        alone = not self.multiprocess and self.followers is None
         bar = tqdm(total=len(shapes), desc="Compiling step shapes", disable=not progress)
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            for _ in pool.map(self._compile, prepared):
+        if alone:
+            for step in prepared:  # made here, not in the threads
+                self._no_tokens(step.batch.q_start.shape[0])
+            threads = compile_threads or min(16, os.cpu_count() or 1)
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                for _ in pool.map(self._compile, prepared):
+                    bar.update()
+        for step in prepared:  # compiled by now when alone; else compiled here, everywhere
+            self.collect_steps(self.launch(step))
+            if not alone:
                 bar.update()
         bar.close()
-        for step in prepared:
-            self.collect_steps(self.launch(step))
         return len(shapes)
 
     def _dummy_step(self, kind: str, n: int, pages: int, num_steps: int = 1) -> PreparedStep:
