@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import queue
 import random
 import threading
@@ -131,6 +132,8 @@ class Engine:
                 options.chunk_tokens,
                 progress=progress,
                 decode_steps=options.num_continuous_decode_steps,
+                # Data-parallel replicas warm up side by side: each takes its share of the cores.
+                compile_threads=max(1, min(16, (os.cpu_count() or 1) // options.dp_size)),
             )
         self.stats = EngineStats()
         self.outputs: dict[int, OutputState] = {}

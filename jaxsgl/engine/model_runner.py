@@ -325,9 +325,10 @@ class ModelRunner:
         buckets: prefills, cache hits, prompt chunks).
 
         XLA compiles the shapes side by side on `compile_threads` threads (default: one per
-        core, at most 16); then each shape runs once on the device, from JAX's cache. Across
-        processes (multi-host) every process must compile each program together with the
-        others, so there the shapes compile one at a time, as each launches everywhere."""
+        core, at most 16; the engine gives data-parallel replicas a share each); then each
+        shape runs once on the device, from JAX's cache. Across processes (multi-host) every
+        process must compile each program together with the others, so there the shapes
+        compile one at a time, as each launches everywhere."""
         page_buckets = _powers(MIN_PAGES, max(MIN_PAGES, -(-max_context // self.page_size)))
         steps = sorted({1, decode_steps})
         shapes = [
