@@ -133,7 +133,7 @@ class Engine:
                 progress=progress,
                 decode_steps=options.num_continuous_decode_steps,
                 # Data-parallel replicas warm up side by side: each takes its share of the cores.
-                compile_threads=max(1, min(16, (os.cpu_count() or 1) // options.dp_size)),
+                compile_threads=max(1, (os.cpu_count() or 1) // options.dp_size),
             )
         self.stats = EngineStats()
         self.outputs: dict[int, OutputState] = {}

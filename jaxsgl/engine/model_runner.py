@@ -233,8 +233,7 @@ class ModelRunner:
 
     def compiled_text(self, step: PreparedStep) -> str:
         """The compiled program of `step`, as text (to check what XLA made of it)."""
-        S = step.batch.q_start.shape[0]
-        return _step.lower(*self._step_args(step, self._no_tokens(S))).compile().as_text()
+        return self._compile(step).as_text()
 
     def _step_args(self, step: PreparedStep, prev_tokens: jax.Array) -> tuple:
         return (
@@ -325,7 +324,7 @@ class ModelRunner:
         buckets: prefills, cache hits, prompt chunks).
 
         XLA compiles the shapes side by side on `compile_threads` threads (default: one per
-        core, at most 16; the engine gives data-parallel replicas a share each); then each
+        core; at most 16; the engine gives data-parallel replicas a share each); then each
         shape runs once on the device, from JAX's cache. Across processes (multi-host) every
         process must compile each program together with the others, so there the shapes
         compile one at a time, as each launches everywhere."""
@@ -342,7 +341,7 @@ class ModelRunner:
         if alone:
             for step in prepared:  # made here, not in the threads
                 self._no_tokens(step.batch.q_start.shape[0])
-            threads = compile_threads or min(16, os.cpu_count() or 1)
+            threads = min(16, compile_threads or os.cpu_count() or 1)
             with ThreadPoolExecutor(max_workers=threads) as pool:
                 for _ in pool.map(self._compile, prepared):
                     bar.update()
@@ -364,10 +363,11 @@ class ModelRunner:
         chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
         return self.prepare([chunk], [greedy], False)
 
-    def _compile(self, step: PreparedStep) -> None:
-        """Compile `step`'s program into JAX's in-memory cache (safe from several threads)."""
+    def _compile(self, step: PreparedStep):
+        """`step`'s compiled program, also kept in JAX's in-memory cache for its launches
+        (safe from several threads once `_no_tokens` holds the step's size)."""
         S = step.batch.q_start.shape[0]
-        _step.lower(*self._step_args(step, self._no_tokens(S))).compile()
+        return _step.lower(*self._step_args(step, self._no_tokens(S))).compile()
 
 
 @partial(jax.jit, static_argnums=(0, 1, 7, 11), donate_argnums=3)

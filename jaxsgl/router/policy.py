@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 
 from jaxsgl.router.prefix_tree import PrefixTree
 
@@ -31,10 +31,14 @@ class Policy:
         """`worker` left the pool."""
 
 
-def least_loaded(loads: Mapping[Worker, int]) -> Worker:
+def least_loaded(
+    loads: Mapping[Worker, int], then: Callable[[Worker], int] | None = None
+) -> Worker:
+    """The worker with the least load; among equals the least `then(worker)`, then the first
+    listed."""
     if not loads:
         raise ValueError("no worker to route to")
-    return min(loads, key=loads.__getitem__)  # first listed among equals
+    return min(loads, key=lambda w: (loads[w], then(w) if then else 0))
 
 
 class RoundRobin(Policy):
@@ -100,9 +104,7 @@ class CacheAware(Policy):
         self.num_balance_routed += 1
         # Among the least loaded, the one remembered to hold the least text: new prefixes
         # spread over the replicas' caches instead of piling onto the first listed.
-        low = min(loads.values())
-        idle = [w for w in loads if loads[w] == low]
-        return min(idle, key=lambda w: self.tree.num_chars.get(w, 0))
+        return least_loaded(loads, then=lambda w: self.tree.num_chars.get(w, 0))
 
     def remove_worker(self, worker: Worker) -> None:
         with self._lock:
