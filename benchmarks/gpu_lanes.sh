@@ -20,6 +20,11 @@
 #   four-1     lanes: TP 1 without the radix cache; TP 1 with it, then bench_one_batch at TP 1;
 #              TP 2 with it, then greedy parity of TP 1 and TP 2.
 #   four-2     TP 4 and DP 4 with the radix cache, then bench_one_batch at TP 4.
+#   probe      cards 0,1: the decode step at TP 1 and TP 2 (batch 128, eight steps a launch)
+#              with a profile of TP 2's decode steps, then TP 2 under other ways of running
+#              its all-reduces (XLA's one-shot kernel, collectives inside the CUDA graph);
+#              cards 2,3: greedy parity of both backends at TP 1 and TP 2 (a stack dump if it
+#              runs out of time), then TP 2 with synchronous all-reduces and NCCL's LL protocol.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -159,4 +164,38 @@ four-2() {
         --result-file "$OUT/one_batch.jsonl"
 }
 
-"${@:?serving-1, engine, serving-2, four-1, four-2 or random-tp1 CARDS CEILINGS}"
+tp2() {  # name, cards, extra overlap_gap flags...
+    local name=$1 cards=$2
+    shift 2
+    run "$name" 130 "$cards" python benchmarks/overlap_gap.py --model-path llama-3-8b \
+        --batch-size 128 --input-len 1024 --output-len 32 --overlap on --decode-steps 8 \
+        --out "$OUT/$name.json" "$@"
+}
+
+probe() {
+    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL
+    (
+        tp2 tp2_base 0,1 --tp-size 1 2 --profile /tmp/tp2_trace
+        python benchmarks/trace_summary.py /tmp/tp2_trace --after ragged_extend \
+            --out "$OUT/tp2_trace.json" > "$OUT/tp2_trace.txt" 2>&1
+        XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
+            tp2 tp2_oneshot 0,1 --tp-size 2
+        XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph tp2 tp2_graph 0,1 --tp-size 2
+    ) &
+    (
+        PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 150 python \
+            benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \
+            --model-path benchmarks/configs/tiny-gqa4 \
+            --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json" \
+            > "$OUT/backend_parity.log" 2>&1
+        echo "== backend_parity (cards 2,3): exit $?"
+        XLA_FLAGS=--xla_gpu_disable_async_collectives=ALLREDUCE tp2 tp2_sync 2,3 --tp-size 2
+        NCCL_PROTO=LL tp2 tp2_ll 2,3 --tp-size 2
+    ) &
+    wait
+    cat "$OUT/tp2_trace.txt"
+    tail -n 12 "$OUT/backend_parity.log"
+    for f in "$OUT"/tp2_*.log; do echo "--- $f"; tail -n 2 "$f"; done
+}
+
+"${@:?serving-1, engine, serving-2, four-1, four-2, probe or random-tp1 CARDS CEILINGS}"

@@ -11,6 +11,10 @@ middle context (weights + KV read over the copy bandwidth of every device).
 
     python benchmarks/overlap_gap.py --model-path llama-3-8b --batch-size 1 128 \\
         --input-len 1024 --output-len 64 --decode-steps 1 8 --tp-size 1 2
+
+`--profile DIR` then traces one more run of the last configuration into DIR (Perfetto JSON
+too); `python benchmarks/trace_summary.py DIR --after ragged_extend` splits its decode steps'
+device time by kernel kind.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import itertools
 import json
 import time
 
+import jax
 import numpy as np
 
 from jaxsgl.generator import Generator
@@ -34,7 +39,9 @@ def wall_s(gen: Generator, prompts: list[list[int]], output_len: int) -> float:
     return time.perf_counter() - t0
 
 
-def step_ms(gen: Generator, bs: int, input_len: int, output_len: int) -> float:
+def step_ms(
+    gen: Generator, bs: int, input_len: int, output_len: int, profile: str | None = None
+) -> float:
     rng = np.random.default_rng(bs)
     vocab = gen.engine.loaded.config.vocab_size
     prompts = rng.integers(10, vocab - 10, (bs, input_len)).tolist()
@@ -45,6 +52,10 @@ def step_ms(gen: Generator, bs: int, input_len: int, output_len: int) -> float:
     gen.flush_cache()
     part = wall_s(gen, prompts, short)
     gen.flush_cache()
+    if profile:
+        with jax.profiler.trace(profile, create_perfetto_trace=True):
+            wall_s(gen, prompts, short)
+        gen.flush_cache()
     return (full - part) / (output_len - short) * 1e3
 
 
@@ -58,11 +69,13 @@ def main(argv=None) -> None:
     p.add_argument("--overlap", choices=["both", "on", "off"], default="both")
     p.add_argument("--decode-steps", type=int, nargs="+", default=[1], help="steps per launch")
     p.add_argument("--out", default=None)
+    p.add_argument("--profile", metavar="DIR", default=None, help="trace the last run into DIR")
     args = p.parse_args(argv)
     ceil = measure_ceilings()
     rows = []
     modes = {"both": (True, False), "on": (True,), "off": (False,)}[args.overlap]
-    for tp, overlap, k in itertools.product(args.tp_size, modes, args.decode_steps):
+    runs = list(itertools.product(args.tp_size, modes, args.decode_steps))
+    for tp, overlap, k in runs:
         with Generator(
             args.model_path,
             load_format="dummy",
@@ -77,7 +90,9 @@ def main(argv=None) -> None:
         ) as gen:
             cost = ModelCost.from_config(gen.engine.loaded.config, "bfloat16")
             for bs in args.batch_size:
-                ms = step_ms(gen, bs, args.input_len, args.output_len)
+                last = (tp, overlap, k) == runs[-1] and bs == args.batch_size[-1]
+                trace = args.profile if last else None
+                ms = step_ms(gen, bs, args.input_len, args.output_len, trace)
                 context = args.input_len + args.output_len // 2
                 floor = ceil.times(tp).floor(*cost.decode(bs, context))
                 row = dict(
