@@ -101,10 +101,15 @@ def summarize(events: dict[str, list], after: str | None) -> list[dict]:
         span = max(e for _, e, _ in spans) - min(s for s, _, _ in spans)
         busy = busy_us(spans)
         rows.append(
-            dict(device=device, span_ms=span / 1e3, busy_ms=busy / 1e3,
-                 idle_ms=(span - busy) / 1e3,
-                 **{f"{k}_ms": by_kind[k] / 1e3 for k, _ in (*KINDS, ("other", ()))},
-                 collectives=count["collective"], top=_top(spans))  # fmt: skip
+            dict(
+                device=device,
+                span_ms=span / 1e3,
+                busy_ms=busy / 1e3,
+                idle_ms=(span - busy) / 1e3,
+                **{f"{k}_ms": by_kind[k] / 1e3 for k, _ in (*KINDS, ("other", ()))},
+                collectives=count["collective"],
+                top=_top(spans),
+            )  # fmt: skip
         )
     return rows
 
