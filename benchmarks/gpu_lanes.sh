@@ -21,10 +21,9 @@
 #              TP 2 with it, then greedy parity of TP 1 and TP 2.
 #   four-2     TP 4 and DP 4 with the radix cache, then bench_one_batch at TP 4.
 #   probe      cards 0,1: the decode step at TP 1 and TP 2 (batch 128, eight steps a launch)
-#              with a profile of TP 2's decode steps, then TP 2 under other ways of running
-#              its all-reduces (XLA's one-shot kernel, collectives inside the CUDA graph);
+#              as it is and without XLA's dot merger, with a profile of TP 2's decode steps;
 #              cards 2,3: greedy parity of both backends at TP 1 and TP 2 (a stack dump if it
-#              runs out of time), then TP 2 with synchronous all-reduces and NCCL's LL protocol.
+#              runs out of time), then TP 2 with NCCL's LL protocol; then TP 4 on all four.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -173,29 +172,29 @@ tp2() {  # name, cards, extra overlap_gap flags...
 }
 
 probe() {
-    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL
+    local nomerge=--xla_disable_hlo_passes=dot-merger
     (
-        tp2 tp2_base 0,1 --tp-size 1 2 --profile /tmp/tp2_trace
+        tp2 tp2_base 0,1 --tp-size 1 2
+        XLA_FLAGS=$nomerge tp2 tp2_nomerge 0,1 --tp-size 1 2 --profile /tmp/tp2_trace
         python benchmarks/trace_summary.py /tmp/tp2_trace --after ragged_extend \
             --out "$OUT/tp2_trace.json" > "$OUT/tp2_trace.txt" 2>&1
-        XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
-            tp2 tp2_oneshot 0,1 --tp-size 2
-        XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph tp2 tp2_graph 0,1 --tp-size 2
     ) &
     (
-        PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 150 python \
+        PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 200 python \
             benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \
             --model-path benchmarks/configs/tiny-gqa4 \
             --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json" \
             > "$OUT/backend_parity.log" 2>&1
         echo "== backend_parity (cards 2,3): exit $?"
-        XLA_FLAGS=--xla_gpu_disable_async_collectives=ALLREDUCE tp2 tp2_sync 2,3 --tp-size 2
-        NCCL_PROTO=LL tp2 tp2_ll 2,3 --tp-size 2
+        XLA_FLAGS=$nomerge NCCL_PROTO=LL tp2 tp2_nomerge_ll 2,3 --tp-size 2
     ) &
     wait
+    XLA_FLAGS=$nomerge run tp4_nomerge 150 0,1,2,3 python benchmarks/overlap_gap.py \
+        --model-path llama-3-8b --batch-size 1 128 --input-len 1024 --output-len 32 \
+        --overlap on --decode-steps 8 --tp-size 4 --out "$OUT/tp4_nomerge.json"
     cat "$OUT/tp2_trace.txt"
     tail -n 12 "$OUT/backend_parity.log"
-    for f in "$OUT"/tp2_*.log; do echo "--- $f"; tail -n 2 "$f"; done
+    for f in "$OUT"/tp*.log; do echo "--- $f"; tail -n 3 "$f"; done
 }
 
 "${@:?serving-1, engine, serving-2, four-1, four-2, probe or random-tp1 CARDS CEILINGS}"

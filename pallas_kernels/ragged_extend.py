@@ -39,6 +39,7 @@ from pallas_kernels.common import (
     dot_precision,
     is_pow2,
     online_softmax,
+    pow2_at_least,
     scores,
 )
 
@@ -140,10 +141,10 @@ def ragged_extend_attention(
     max_q_len: int,
     page_size: int,
     scale: float,
-    block_q: int = 64,
-    block_k: int = 64,
+    block_q: int | None = None,
+    block_k: int | None = None,
     heads_per_program: int | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:
@@ -152,6 +153,8 @@ def ragged_extend_attention(
     `max_q_len` (static) bounds every `q_lens[s]`; rows of `q` that belong to no sequence
     come back as zeros. A program takes `block_q` tokens of `heads_per_program` q heads of one
     kv group (default: the whole group when its size is a power of two, else one head).
+    Block sizes left out are the best of `benchmarks/kernel_bench.py`'s sweep on an H200:
+    tiles of 128 (token, head) rows, 128 keys a block (64 in float32), eight warps.
     """
     T, N, H = q.shape
     K = check_pool(k_pool, v_pool, page_size, q)
@@ -161,15 +164,20 @@ def ragged_extend_attention(
             f"q_start {q_start.shape}, q_lens {q_lens.shape}, seq_lens {seq_lens.shape} must "
             f"all be [S] and page_table {page_table.shape} [S, P]"
         )
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-        if size < 16 or not is_pow2(size):
-            raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+    if max_q_len < 1:
+        raise ValueError(f"max_q_len must be positive, got {max_q_len}")
     R = N // K
     E = heads_per_program or (R if is_pow2(R) else 1)
     if not is_pow2(E) or R % E:
         raise ValueError(f"heads_per_program {E} must be a power of two dividing {R}")
-    if max_q_len < 1:
-        raise ValueError(f"max_q_len must be positive, got {max_q_len}")
+    if block_q is None:
+        block_q = min(max(16, 128 // E), pow2_at_least(max_q_len, 16))
+    if block_k is None:
+        block_k = 64 if q.dtype == jnp.float32 else 128
+    num_warps = 8 if num_warps is None else num_warps
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+        if size < 16 or not is_pow2(size):
+            raise ValueError(f"{name} must be a power of two >= 16, got {size}")
     P = page_table.shape[1]
     # Key blocks never run past the table: pad it to whole blocks (the extra pages are masked).
     P_pad = cdiv(cdiv(P * page_size, block_k) * block_k, page_size)

@@ -99,6 +99,5 @@ def _pallas(
         max_q_len=batch.max_q_len,
         page_size=batch.page_size,
         scale=scale,
-        block_q=max(16, min(64, batch.max_q_len)),
         interpret=interpret,
     )
