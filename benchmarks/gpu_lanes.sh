@@ -17,8 +17,8 @@
 #              of TP 1 and TP 2, and the table of every serving run against TP 1 without the
 #              radix cache.
 # Four cards (one host), every row of the deployment table on one machine:
-#   four-1     lanes: TP 1 without the radix cache; TP 1 with it, then bench_one_batch at TP 1;
-#              TP 2 with it, then greedy parity of TP 1 and TP 2.
+#   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
+#              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 and DP 4 with the radix cache, then bench_one_batch at TP 4.
 #   probe      cards 0,1: the decode step at TP 1 and TP 2 (batch 128, eight steps a launch)
 #              as it is and without XLA's dot merger, with a profile of TP 2's decode steps;
@@ -139,20 +139,21 @@ serving-2() {
 }
 
 four-1() {
-    mt_tp1_noradix 0 &
+    (
+        CUDA_VISIBLE_DEVICES=0 python -m jaxsgl.roofline --out "$OUT/ceilings.json" \
+            > "$OUT/ceilings.log" 2>&1
+        serve mt-tp1-noradix 0 30000 300 "--context-length 4096 --disable-radix-cache" "${MT[@]}"
+        random-tp1 0 "$OUT/ceilings.json"
+    ) &
     (
         serve mt-tp1-radix 1 30001 260 "--context-length 4096" "${MT[@]}"
         run one_batch_tp1 100 1 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
             --batch-size 1 128 --input-len 1024 --output-len 16 \
             --result-file "$OUT/one_batch.jsonl"
     ) &
-    (
-        serve mt-tp2-radix 2,3 30002 220 "--context-length 4096 --tp-size 2" "${MT[@]}"
-        run backend_parity 100 2,3 python benchmarks/backend_parity.py --backends pallas \
-            --tp-sizes 1 2 --model-path benchmarks/configs/tiny-gqa4 \
-            --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json"
-    ) &
+    serve mt-tp2-radix 2,3 30002 220 "--context-length 4096 --tp-size 2" "${MT[@]}" &
     wait
+    table
 }
 
 four-2() {
