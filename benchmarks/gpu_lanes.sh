@@ -107,7 +107,7 @@ ceilings_radix_random() {  # the ceilings are measured first, while nothing else
 }
 
 random-tp1() {  # cards, ceilings file
-    serve random-tp1 "$1" 30001 200 "--context-length 1024" --dataset-name random \
+    serve random-tp1 "$1" 30003 200 "--context-length 1024" --dataset-name random \
         --random-input-len 512 --random-output-len 256 --num-prompts 1000 \
         --max-concurrency 256 --warmup-requests 8 --flush-cache --seed 1 \
         --roofline-model llama-3-8b --ceilings "$2"
