@@ -1,11 +1,13 @@
 """Greedy outputs of the engine with each attention backend, compared with each other and with
 a run recorded on another device (the CPU run kept in `backend_parity_cpu.json`).
 
-A random-weight SmolLM2-shaped model in float32 (matmuls at full float32 precision, so that
-devices agree to rounding), prompts that share prefixes (radix hits) and span several prefill
-chunks.
+A random-weight model (`benchmarks/configs/parity-gqa4`: 8 q / 2 kv heads, 4 layers, LM head
+untied, since a random tied head mostly echoes the last token whatever attention computes) in
+float32 with matmuls at full float32 precision, so that devices agree to rounding; prompts that
+share prefixes (radix hits) and span several prefill chunks. Each run prints how many distinct
+tokens its sequences hold: equal outputs mean little if they do not move.
 
-    python benchmarks/backend_parity.py --backends native pallas \\
+    python benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \\
         --expect benchmarks/backend_parity_cpu.json
 """
 
@@ -53,7 +55,9 @@ def run(model: str, backend: str, tp: int) -> list[list[int]]:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
-        "--model-path", default="smollm2-135m", help="a preset or config folder, random weights"
+        "--model-path",
+        default="benchmarks/configs/parity-gqa4",
+        help="a preset or config folder, random weights",
     )
     p.add_argument("--backends", nargs="+", default=["native"])
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[1])
@@ -67,7 +71,12 @@ def main(argv=None) -> None:
         for tp in args.tp_sizes:
             t0 = time.perf_counter()
             outputs[f"{b} tp{tp}"] = run(args.model_path, b, tp)
-            print(f"{b} tp{tp}: {time.perf_counter() - t0:.1f} s", flush=True)
+            distinct = [len(set(seq)) for seq in outputs[f"{b} tp{tp}"]]
+            print(
+                f"{b} tp{tp}: {time.perf_counter() - t0:.1f} s, distinct tokens a sequence "
+                f"{distinct}",
+                flush=True,
+            )
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": device, "outputs": outputs}, f)

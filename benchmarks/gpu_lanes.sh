@@ -19,7 +19,8 @@
 # Four cards (one host), every row of the deployment table on one machine:
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
-#   four-2     TP 4 and DP 4 with the radix cache, then bench_one_batch at TP 4.
+#   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
+#   four-3     DP 4 with the radix cache.
 #   probe      cards 0,1: the decode step at TP 1 and TP 2 (batch 128, eight steps a launch)
 #              as it is and without XLA's dot merger, with a profile of TP 2's decode steps;
 #              cards 2,3: greedy parity of both backends at TP 1 and TP 2 (a stack dump if it
@@ -132,8 +133,7 @@ serving-1() {
 serving-2() {
     tp2_dp2 0,1
     run backend_parity 120 0,1 python benchmarks/backend_parity.py --backends pallas \
-        --tp-sizes 1 2 --model-path benchmarks/configs/tiny-gqa4 \
-        --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json"
+        --tp-sizes 1 2 --expect benchmarks/backend_parity_cpu.json --out "$OUT/parity.json"
     tail -n 4 "$OUT/backend_parity.log"
     table
 }
@@ -157,11 +157,14 @@ four-1() {
 }
 
 four-2() {
-    serve mt-tp4-radix 0,1,2,3 30000 170 "--context-length 4096 --tp-size 4" "${MT[@]}"
-    serve mt-dp4-radix 0,1,2,3 30000 200 "--context-length 4096 --dp-size 4" "${MT[@]}"
+    serve mt-tp4-radix 0,1,2,3 30000 230 "--context-length 4096 --tp-size 4" "${MT[@]}"
     run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
         --tp-size 4 --batch-size 1 128 --input-len 1024 --output-len 16 \
         --result-file "$OUT/one_batch.jsonl"
+}
+
+four-3() {  # four replicas compile their step shapes side by side: over three minutes
+    serve mt-dp4-radix 0,1,2,3 30000 390 "--context-length 4096 --dp-size 4" "${MT[@]}"
 }
 
 tp2() {  # name, cards, extra overlap_gap flags...
@@ -183,8 +186,7 @@ probe() {
     (
         PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 200 python \
             benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \
-            --model-path benchmarks/configs/tiny-gqa4 \
-            --expect benchmarks/backend_parity_tiny_cpu.json --out "$OUT/parity.json" \
+            --expect benchmarks/backend_parity_cpu.json --out "$OUT/parity.json" \
             > "$OUT/backend_parity.log" 2>&1
         echo "== backend_parity (cards 2,3): exit $?"
         XLA_FLAGS=$nomerge NCCL_PROTO=LL tp2 tp2_nomerge_ll 2,3 --tp-size 2
@@ -198,4 +200,4 @@ probe() {
     for f in "$OUT"/tp*.log; do echo "--- $f"; tail -n 3 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, four-1, four-2, probe or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, probe or random-tp1 CARDS CEILINGS}"

@@ -27,6 +27,17 @@ VARIANTS = {
             tie_word_embeddings=True,
         ),
     ),
+    # Untied: with random weights a tied LM head mostly echoes the input token, so greedy
+    # outputs of tied models barely depend on attention; comparisons of backends use this one.
+    "llama3_untied_gqa4": (
+        transformers.LlamaConfig,
+        dict(
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rope_theta=500000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
     "llama2_untied_mha": (
         transformers.LlamaConfig,
         dict(
