@@ -48,6 +48,14 @@ _TOTALS = {
         "sglang:jump_forward_tokens",
         "Output tokens a grammar forced, appended without sampling",
     ),
+    "step_compiles_total": (
+        "jaxsgl:step_compiles",
+        "Step programs compiled after warm-up (the engine waits for each)",
+    ),
+    "step_compile_seconds_total": (
+        "jaxsgl:step_compile_seconds",
+        "Seconds the engine spent compiling step programs after warm-up",
+    ),
 }
 
 

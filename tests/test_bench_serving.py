@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 from roofline_reference import reference_roofline
-from server_fixture import free_port
+from server_fixture import free_port, scrape, value
 
 from jaxsgl.bench_serving import cli, report
 from jaxsgl.config import config_for
@@ -30,6 +30,9 @@ def bench(capsys, server, out, *flags: str) -> tuple[dict, dict, list[dict]]:
     records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     figures = report.parse_table(printed.out)
     check_figures(figures, results, records)
+    n, seconds = (results["settings"][k] for k in ("server_step_compiles", "server_step_compile_s"))
+    assert "Server step compiles in the run:" in printed.out
+    assert f"{n} ({seconds:.1f} s)" in printed.out
     return figures, results, records
 
 
@@ -109,6 +112,7 @@ def check_figures(figures: dict, results: dict, records: list[dict]) -> None:
 
 
 def test_random_native(server, capsys, tmp_path):
+    before = scrape(server)
     figures, results, records = bench(
         capsys, server, tmp_path / "native.json",
         "--num-prompts", "6", "--random-input-len", "12", "--random-output-len", "8",
@@ -121,6 +125,11 @@ def test_random_native(server, capsys, tmp_path):
     assert all(r["cached_tokens"] == 0 for r in records)  # flushed; prompts under a page
     assert all(1 <= len(r["itl"]) <= 7 and 0 < r["ttft"] < r["end"] - r["start"] for r in records)
     assert results["summary"]["num_devices"] == 1 == server.server_info()["tp_size"]
+    # The server's pauses to compile, counted over the timed run: within what /metrics saw
+    # over the whole call.
+    compiled = value(scrape(server), "jaxsgl:step_compiles_total")
+    compiled -= value(before, "jaxsgl:step_compiles_total")
+    assert 0 <= results["settings"]["server_step_compiles"] <= compiled
 
     # The same load through /v1/completions, priced against the native run and the roofline.
     ceilings_file = tmp_path / "ceilings.json"

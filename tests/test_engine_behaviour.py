@@ -253,7 +253,7 @@ def test_batching_window_gathers_arrivals():
         g.check_integrity()
 
 
-def test_nothing_recompiles_after_warmup():
+def test_nothing_recompiles_after_warmup_and_compiles_are_counted():
     with Generator(
         dtype="float32",
         max_total_tokens=2048,
@@ -267,6 +267,14 @@ def test_nothing_recompiles_after_warmup():
         for text in ["Hi", "The capital of France is", "Count to ten: 1, 2, 3," * 5]:
             g.generate(text, {"temperature": 0, "max_new_tokens": 30})
         assert g.engine.runner.num_compiled == compiled
+        assert g.metrics()["step_compiles_total"] == 0
+        # Three prompts admitted together make an extend of three sequences, a shape warm-up
+        # leaves out: it compiles now, and the counters say so.
+        g.generate(["a b", "c d e", "f"], {"temperature": 0, "max_new_tokens": 3})
+        grown = g.engine.runner.num_compiled - compiled
+        m = g.metrics()
+        assert grown >= 1 and m["step_compiles_total"] == grown
+        assert m["step_compile_seconds_total"] > 0
 
 
 def test_counters(gen):

@@ -205,12 +205,17 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.flush_cache:
             await flush_cache(http, base_url, headers)
         total = spec.num_sessions * _turns(args) if spec.num_sessions else None
+        compiles = await workload.step_compiles(http, base_url, headers)
         with tqdm(total=total, desc="requests", disable=args.disable_tqdm) as progress:
             records = await Benchmark(http, target, spec, progress).run(sessions)
+        after = await workload.step_compiles(http, base_url, headers)
     num_devices = args.num_devices or facts.num_devices
     baseline = report.baseline_gpu_s(args.baseline) if args.baseline else None
     settings = {k: v for k, v in vars(args).items() if not k.startswith("api_key")}
     settings.update(base_url=base_url, model=model, num_devices=num_devices)
+    if compiles is not None and after is not None:  # the server's pauses to compile a step
+        settings["server_step_compiles"] = after[0] - compiles[0]
+        settings["server_step_compile_s"] = after[1] - compiles[1]
     summary = summarize(records, num_devices, baseline)
     if (priced := roofline.from_flags(args)) and summary["completed"]:
         cost, ceilings = priced
@@ -240,6 +245,9 @@ def header(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
         lines["Roofline model"] = f"{args.roofline_model} ({args.roofline_dtype})"
         copy, matmul = ceilings["copy_tb_s"], ceilings["matmul_tflop_s"]
         lines["Roofline ceilings (per device)"] = f"{copy:.3f} TB/s, {matmul:.1f} TFLOP/s"
+    if "server_step_compiles" in settings:
+        n, seconds = settings["server_step_compiles"], settings["server_step_compile_s"]
+        lines["Server step compiles in the run"] = f"{n} ({seconds:.1f} s)"
     return lines
 
 

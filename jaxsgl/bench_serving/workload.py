@@ -68,6 +68,17 @@ async def probe(http: aiohttp.ClientSession, base_url: str, headers: dict) -> Se
     )
 
 
+async def step_compiles(
+    http: aiohttp.ClientSession, base_url: str, headers: dict
+) -> tuple[int, float] | None:
+    """The server's count of step programs compiled after its warm-up, and their seconds
+    (jaxsgl's `/server_info`); None from a server that does not say."""
+    info = await fetch_json(http, base_url.rstrip("/") + "/server_info", headers=headers)
+    if not isinstance(info, dict) or "step_compiles_total" not in info:
+        return None
+    return int(info["step_compiles_total"]), float(info["step_compile_seconds_total"])
+
+
 def needs_tokenizer(args: argparse.Namespace) -> bool:
     """Text prompts need one: the OpenAI targets, and ShareGPT's lengths."""
     return args.backend != "jaxsgl" or args.dataset_name == "sharegpt"

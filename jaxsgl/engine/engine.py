@@ -414,6 +414,8 @@ class Engine:
             "num_retractions_total": sched.num_retractions,
             "num_evicted_pages_total": kv.num_evicted_pages,
             "jump_forward_tokens_total": st.jump_forward_tokens,
+            "step_compiles_total": self.runner.num_runtime_compiles,
+            "step_compile_seconds_total": self.runner.runtime_compile_seconds,
             **self._grammar_metrics(),
         }
 

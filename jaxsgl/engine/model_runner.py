@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -152,6 +153,10 @@ class ModelRunner:
         self.followers = followers
         self.multiprocess = jax.process_count() > 1
         self._launches = itertools.count()
+        # Launches outside warm-up that compiled a program: each one paused the engine.
+        self.num_runtime_compiles = 0
+        self.runtime_compile_seconds = 0.0
+        self._warming = False
 
     @property
     def num_compiled(self) -> int:
@@ -227,9 +232,22 @@ class ModelRunner:
             self.followers.send(("launch", seq, step, None if prev is None else prev.seq))
         prev_tokens = prev.last_tokens if prev is not None else self._no_tokens(S)
         assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
+        programs, t0 = _step._cache_size(), time.perf_counter()
         out, tgt, self.kv = _step(*self._step_args(step, prev_tokens))
+        if not self._warming and _step._cache_size() > programs:
+            self._count_compile(step, time.perf_counter() - t0)
         self.num_steps += step.num_steps
         return PendingStep(out, tgt, step.num_chunks, step.num_steps, seq)
+
+    def _count_compile(self, step: PreparedStep, seconds: float) -> None:
+        b = step.batch
+        self.num_runtime_compiles += 1
+        self.runtime_compile_seconds += seconds
+        logger.info(
+            "compiled a step shape outside warm-up (%d tokens, %d sequences, %d new tokens "
+            "each at most, %d pages each): %.2f s",
+            b.tokens.shape[0], b.q_start.shape[0], b.max_q_len, b.page_table.shape[1], seconds,
+        )  # fmt: skip
 
     def compiled_text(self, step: PreparedStep) -> str:
         """The compiled program of `step`, as text (to check what XLA made of it)."""
@@ -337,6 +355,7 @@ class ModelRunner:
             shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
         prepared = [self._dummy_step(*shape) for shape in shapes]
         alone = not self.multiprocess and self.followers is None
+        self._warming = True
         bar = tqdm(total=len(shapes), desc="Compiling step shapes", disable=not progress)
         if alone:
             for step in prepared:  # made here, not in the threads
@@ -350,6 +369,7 @@ class ModelRunner:
             if not alone:
                 bar.update()
         bar.close()
+        self._warming = False
         return len(shapes)
 
     def _dummy_step(self, kind: str, n: int, pages: int, num_steps: int = 1) -> PreparedStep:
