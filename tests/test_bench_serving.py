@@ -104,10 +104,10 @@ def check_figures(figures: dict, results: dict, records: list[dict]) -> None:
     expected = expected_figures(records, settings, baseline)
     decimals = {key: (scale, d) for _, key, scale, d in report.ROWS}
     assert set(figures) == set(expected) - {k for k, v in expected.items() if np.isnan(v)}
-    for key, value in figures.items():
+    for key, printed in figures.items():
         scale, d = decimals[key]
         tolerance = 0.51 * 10.0**-d / scale  # the printed rounding
-        assert value == pytest.approx(expected[key], abs=tolerance), key
+        assert printed == pytest.approx(expected[key], abs=tolerance), key
         assert results["summary"][key] == pytest.approx(expected[key], rel=1e-9), key
 
 
