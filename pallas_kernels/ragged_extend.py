@@ -9,13 +9,15 @@ Sequence s has `q_lens[s]` new tokens in rows `q_start[s] :` of `q`, and a conte
 hit or a later prefill chunk). New token i sits at position `seq_lens - q_lens + i` and sees
 the keys at or before it. One launch serves every sequence whatever its lengths.
 
-One program per (sequence, block of BQ new tokens, E q heads of one kv group) walks the keys
-from position 0 to the last one its block sees, BK at a time, with an online softmax (flash
+One program per (work item, E q heads of one kv group); a work item is one block of BQ new
+tokens of one sequence. The items are the sequences' query blocks back to back, so the grid
+grows with the step's tokens (at most T / BQ + S items), not with its longest run times its
+sequences: one compiled program serves any mix of lengths. Each program walks the keys from
+position 0 to the last one its block sees, BK at a time, with an online softmax (flash
 attention); the E heads share each key block it loads, so the tile has BQ·E rows. Key blocks
-wholly before the first query need no causal mask and take a loop of their own. Programs past
-a sequence's last new token exit at once. Programs start longest first: the grid runs the
-last query blocks (which see the most keys) of every sequence and head before earlier ones,
-so the final wave on the GPU is short work rather than a few long programs.
+wholly before the first query need no causal mask and take a loop of their own. Items run
+longest first: every sequence's last query block (which sees the most keys), then the blocks
+before those, so the final wave on the GPU is short work rather than a few long programs.
 
 Example, G = 4, BQ = 2: a sequence with prefix [a b c d e] in pages [7, 3] and new tokens
 [f g] at rows 9, 10 is one block of queries at positions 5 and 6; its keys are slots
@@ -46,10 +48,12 @@ from pallas_kernels.common import (
 
 def _extend_kernel(
     layer_ref,  # [1] int32
+    item_seq_ref,  # [W] int32, each work item's sequence (-1: no work)
+    item_block_ref,  # [W] int32, each work item's query block within its sequence
     q_start_ref,  # [S] int32
     q_lens_ref,  # [S] int32
     seq_lens_ref,  # [S] int32
-    page_table_ref,  # [P] int32, this program's sequence
+    page_table_ref,  # [S, P] int32
     q_ref,  # [T, N, H]
     k_ref,  # [L, K, slots, H]
     v_ref,  # [L, K, slots, H]
@@ -65,15 +69,15 @@ def _extend_kernel(
     precision,
 ):
     del o_init_ref  # only there so that rows no program writes keep their zeros
-    # Grid (head blocks, sequences, query blocks), the first axis fastest; query blocks in
-    # reverse so the longest programs start first.
-    hb, s = pl.program_id(0), pl.program_id(1)
-    qb = pl.num_programs(2) - 1 - pl.program_id(2)
-    q_len = q_lens_ref[s]
+    # Grid (head blocks, work items), the first axis fastest: an item's head blocks run
+    # together and share its keys in L2.
+    hb, w = pl.program_id(0), pl.program_id(1)
+    s = item_seq_ref[w]
 
-    @pl.when(qb * block_q < q_len)
+    @pl.when(s >= 0)
     def _():
         G = page_size
+        qb, q_len = item_block_ref[w], q_lens_ref[s]
         layer, seq_len = layer_ref[0], seq_lens_ref[s]
         prefix = seq_len - q_len
         local = qb * block_q + jnp.arange(block_q)  # [BQ] index among the new tokens
@@ -94,15 +98,15 @@ def _extend_kernel(
 
         def body(b, carry, masked: bool):  # carry: running max [M], sum [M], output [M, H]
             key_pos = b * block_k + j  # [BK]
-            slots = page_table_ref[key_pos // G] * G + key_pos % G  # [BK]
+            slots = page_table_ref[s, key_pos // G] * G + key_pos % G  # [BK]
             k = k_ref[layer, kv_head, slots, :]  # [BK, H]
             v = v_ref[layer, kv_head, slots, :]
-            s = scores(q, k, precision)  # [M, BK]
+            x = scores(q, k, precision)  # [M, BK]
             if masked:
                 # Keys past the context may be stale or scratch slots: zero them so 0 · v is 0.
                 v = jnp.where((key_pos < seq_len)[:, None], v, jnp.zeros_like(v))
-                s = jnp.where(key_pos[None, :] <= q_pos[:, None], s, MASKED)
-            return online_softmax(carry, s, v, precision, exp=jnp.exp2)
+                x = jnp.where(key_pos[None, :] <= q_pos[:, None], x, MASKED)
+            return online_softmax(carry, x, v, precision, exp=jnp.exp2)
 
         M = block_q * heads
         init = (
@@ -183,6 +187,7 @@ def ragged_extend_attention(
     P_pad = cdiv(cdiv(P * page_size, block_k) * block_k, page_size)
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, P_pad - P)))
 
+    item_seq, item_block = work_items(q_lens, block_q, max_q_len, T)
     kernel = functools.partial(
         _extend_kernel,
         page_size=page_size,
@@ -193,16 +198,18 @@ def ragged_extend_attention(
         scale=scale,
         precision=dot_precision(q.dtype),
     )
-    full = lambda shape: pl.BlockSpec(shape, lambda n, s, b: (0,) * len(shape))
+    full = lambda shape: pl.BlockSpec(shape, lambda n, w: (0,) * len(shape))
     return pl.pallas_call(
         kernel,
-        grid=(N // E, S, cdiv(max_q_len, block_q)),
+        grid=(N // E, item_seq.shape[0]),
         in_specs=[
             full((1,)),
+            full(item_seq.shape),
+            full(item_block.shape),
             full((S,)),
             full((S,)),
             full((S,)),
-            pl.BlockSpec((None, P_pad), lambda n, s, b: (s, 0)),
+            full(page_table.shape),
             full(q.shape),
             full(k_pool.shape),
             full(v_pool.shape),
@@ -210,12 +217,14 @@ def ragged_extend_attention(
         ],
         out_specs=full(q.shape),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-        input_output_aliases={8: 0},
+        input_output_aliases={10: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ragged_extend_attention",
     )(
         jnp.asarray(layer, jnp.int32).reshape(1),
+        item_seq,
+        item_block,
         q_start.astype(jnp.int32),
         q_lens.astype(jnp.int32),
         seq_lens.astype(jnp.int32),
@@ -224,6 +233,32 @@ def ragged_extend_attention(
         k_pool,
         v_pool,
         jnp.zeros_like(q),
+    )
+
+
+def work_items(
+    q_lens: jax.Array, block_q: int, max_q_len: int, num_tokens: int
+) -> tuple[jax.Array, jax.Array]:
+    """The grid's work items, longest first: `(sequence [W], query block [W])`, sequence -1
+    for the items past the step's work. W bounds the blocks any lengths within `max_q_len`
+    and `num_tokens` can make.
+
+    Example, BQ = 16, q_lens [40, 0, 5]: blocks 3 and 1 (W = min(3 · 3, 3 + 3) = 6); the last
+    blocks first, then the rest: sequences [0, 2, 0, 0, -1, -1], blocks [2, 0, 1, 0, 0, 0].
+    """
+    S = q_lens.shape[0]
+    W = min(S * cdiv(max_q_len, block_q), cdiv(num_tokens, block_q) + S)
+    blocks = (q_lens.astype(jnp.int32) + block_q - 1) // block_q  # [S]
+    ends = jnp.cumsum(blocks)  # [S]
+    i = jnp.arange(W, dtype=jnp.int32)
+    seq = jnp.minimum(jnp.sum(i[:, None] >= ends[None, :], axis=1), S - 1)  # [W]
+    valid = i < ends[-1]
+    block = i - (ends - blocks)[seq]
+    from_end = blocks[seq] - 1 - block  # 0: the sequence's last block
+    order = jnp.argsort(jnp.where(valid, from_end * S + seq, S * W), stable=True)
+    return (
+        jnp.where(valid[order], seq[order], -1).astype(jnp.int32),
+        jnp.where(valid[order], block[order], 0).astype(jnp.int32),
     )
 
 

@@ -69,6 +69,33 @@ def test_pallas_backend_matches_native(folder):
     assert _greedy(folder, "native", 8) == native
 
 
+def test_pallas_warm_up_covers_extends_of_any_mix(folder):
+    """With the Pallas kernels an extend's program depends only on its token and sequence
+    buckets, and warm-up compiles them all: prompts of any lengths, arriving together or
+    not, start without a compile."""
+    settings = dict(
+        load_format="dummy",
+        dtype="float32",
+        page_size=4,
+        chunked_prefill_size=32,
+        context_length=128,
+        max_total_tokens=1024,
+        max_running_requests=4,
+        progress=False,
+    )
+    prompts = _prompts()
+    with Generator(str(folder), attention_backend="native", warmup=False, **settings) as gen:
+        outs = gen.generate(input_ids=prompts, sampling_params=GREEDY)
+        expected = [o["output_ids"] for o in outs]
+    with Generator(str(folder), attention_backend="pallas", **settings) as gen:
+        got = gen.generate(input_ids=prompts, sampling_params=GREEDY)
+        got += gen.generate(input_ids=[p[:9] for p in prompts[:3]], sampling_params=GREEDY)
+        assert gen.metrics()["step_compiles_total"] == 0
+        assert gen.engine.stats.num_extend_steps >= 4  # several extends of several sequences
+        assert gen.check_integrity() == {"running": 0, "waiting": 0}
+    assert [o["output_ids"] for o in got[:4]] == expected
+
+
 def test_unknown_backend_is_a_value_error(folder):
     with pytest.raises(ValueError, match="attention_backend"):
         Generator(str(folder), load_format="dummy", attention_backend="flash", warmup=False)

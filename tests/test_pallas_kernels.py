@@ -15,6 +15,7 @@ from pallas_kernels.paged_decode import (
 from pallas_kernels.ragged_extend import (
     ragged_extend_attention,
     ragged_extend_attention_reference,
+    work_items,
 )
 
 H = 32
@@ -108,6 +109,41 @@ def test_extend_matches_reference(page_size, ratio, dtype):
     assert out.shape == q.shape and out.dtype == q.dtype
     assert _relative_error(out, ref) < TOLERANCE[dtype]
     assert not np.asarray(out[T - 5 :], np.float32).any()  # padding rows stay zero
+
+
+@pytest.mark.parametrize("block_q", [16, 32])
+def test_work_items_cover_every_query_block_once_longest_first(block_q):
+    rng = np.random.default_rng()
+    q_lens = rng.integers(0, 100, 9)
+    q_lens[3] = 0  # a padding sequence
+    T = int(q_lens.sum()) + 7
+    seq, block = (np.asarray(a) for a in work_items(jnp.asarray(q_lens), block_q, 100, T))
+    want = {(s, b) for s, n in enumerate(q_lens) for b in range(-(-int(n) // block_q))}
+    real = seq >= 0
+    assert sorted(zip(seq[real], block[real], strict=True)) == sorted(want)  # each once
+    assert real[: len(want)].all() and not real[len(want) :].any()  # work first, then none
+    from_end = -(-q_lens[seq[real]] // block_q) - 1 - block[real]
+    assert (np.diff(from_end) >= 0).all()  # the blocks that see the most keys first
+
+
+def test_extend_with_the_engines_padded_lengths():
+    """The engine passes max_q_len = T (one program for any mix of lengths): the grid is
+    then bounded by the tokens, and the result is the same."""
+    rng = np.random.default_rng()
+    N, K = _heads(4)
+    q_lens = np.array([1, 37, 1, 1, 20, 3])
+    prefix = np.array([30, 0, 70, 5, 16, 100])
+    seq_lens = q_lens + prefix
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    T = 64
+    num_pages = 2 + sum(-(-n // 16) for n in seq_lens)
+    k, v = _pool(rng, num_pages * 16, K, jnp.float32)
+    table = _page_tables(rng, seq_lens.tolist(), 16, num_pages)
+    q = jnp.asarray(rng.standard_normal((T, N, H)), jnp.float32)
+    args = (q, k, v, 0, *(jnp.asarray(a, jnp.int32) for a in (q_start, q_lens, seq_lens)), table)
+    ref = ragged_extend_attention_reference(*args, page_size=16, scale=H**-0.5)
+    out = ragged_extend_attention(*args, max_q_len=T, page_size=16, scale=H**-0.5, interpret=True)
+    assert _relative_error(out, ref) < TOLERANCE[jnp.float32]
 
 
 def test_decode_rejects_bad_shapes():

@@ -123,6 +123,7 @@ class Engine:
             self.eos_ids,
             attention_backend=options.attention_backend,
             followers=self.followers,
+            max_context=self.context_length,
         )
         self.scheduler = Scheduler(options, num_pages, self.context_length)
         if options.warmup:

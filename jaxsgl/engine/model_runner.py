@@ -126,9 +126,12 @@ class ModelRunner:
         attention_backend: str | None = None,
         unroll_layers: bool = False,
         followers: Followers | None = None,
+        max_context: int | None = None,
     ):
         """`followers`: processes on other hosts that launch every step this runner launches
-        (this one is the leader of a multi-host mesh; see `jaxsgl.distributed`)."""
+        (this one is the leader of a multi-host mesh; see `jaxsgl.distributed`).
+        `max_context` (the engine's context length) lets extends with the Pallas kernels take
+        page tables of one width, so one program serves each (tokens, sequences) bucket."""
         self.loaded = loaded
         self.page_size = page_size
         self.num_pages = num_pages
@@ -146,6 +149,13 @@ class ModelRunner:
         )
         # Unrolled layers read weights in place but compile far slower: opt-in.
         loaded.model.unroll_layers = unroll_layers
+        # Extend shapes: the Pallas kernel's grid follows the step's tokens, not its longest
+        # run or widest table, so with the tables as wide as the context (a few KB) an extend's
+        # program depends only on its tokens and sequences, and warm-up covers them all. The
+        # native path computes over whole tables and runs: there both stay tight.
+        self._extend_pages = None
+        if loaded.model.attention.name == "pallas" and max_context:
+            self._extend_pages = max(MIN_PAGES, bucket(-(-max_context // page_size)))
         logger.info("attention backend: %s", loaded.model.attention.name)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.num_steps = 0
@@ -309,9 +319,9 @@ class ModelRunner:
             s = bucket(len(chunks))
             pages = max(MIN_PAGES, fit_shape(chunks, self.page_size, num_steps=num_steps).P)
             return Shape(T=s, S=s, Q=1, P=pages, R=s)
-        least = Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=MIN_PAGES, R=1)
+        least = Shape(T=MIN_EXTEND_TOKENS, S=1, Q=1, P=self._extend_pages or MIN_PAGES, R=1)
         shape = fit_shape(chunks, self.page_size, least)
-        if shape.S == 1:  # one sequence owns every row: Q = T costs nothing and shares programs
+        if shape.S == 1 or self._extend_pages:  # Q = T costs nothing here and shares programs
             shape = dataclasses.replace(shape, Q=shape.T)
         return shape
 
@@ -338,7 +348,8 @@ class ModelRunner:
         compile_threads: int | None = None,
     ) -> int:
         """Compile the decode grid (batch x context buckets, for one step and for
-        `decode_steps` steps a launch) and every single-request extend (token x context
+        `decode_steps` steps a launch) and the extends: with the Pallas kernels every
+        (tokens, sequences) bucket, else every single-request extend (token x context
         buckets: prefills, cache hits, prompt chunks).
 
         XLA compiles the shapes side by side on `compile_threads` threads (default: one per
@@ -351,8 +362,14 @@ class ModelRunner:
         shapes = [
             ("decode", s, p, k) for k in steps for s in _powers(1, max_batch) for p in page_buckets
         ]
-        for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
-            shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
+        if self._extend_pages:
+            P, G = self._extend_pages, self.page_size
+            for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):  # t tokens over s sequences
+                seqs = [s for s in _powers(1, min(t, max_batch)) if t <= s * P * G]
+                shapes += [("extend", t, P, s) for s in seqs]
+        else:
+            for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
+                shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
         prepared = [self._dummy_step(*shape) for shape in shapes]
         alone = not self.multiprocess and self.followers is None
         self._warming = True
@@ -372,16 +389,18 @@ class ModelRunner:
         self._warming = False
         return len(shapes)
 
-    def _dummy_step(self, kind: str, n: int, pages: int, num_steps: int = 1) -> PreparedStep:
-        """A greedy step of the shape (kind, n sequences or tokens, pages) that writes only to
-        scratch page 0, leaving the pool's contents untouched."""
+    def _dummy_step(self, kind: str, n: int, pages: int, k: int = 1) -> PreparedStep:
+        """A greedy step that writes only to scratch page 0, leaving the pool's contents
+        untouched: a decode of n sequences over `pages` pages, `k` steps a launch, or an
+        extend of n tokens split evenly over k sequences of `pages` pages."""
         greedy = RowState(params=SamplingParams(temperature=0.0), seed=0)
         if kind == "decode":
-            prefix = max(0, pages * self.page_size - num_steps)
+            prefix = max(0, pages * self.page_size - k)
             chunks = [SeqChunk([0], prefix, [0] * pages)] * n
-            return self.prepare(chunks, [greedy] * n, True, num_steps=num_steps)
-        chunk = SeqChunk([0] * n, pages * self.page_size - n, [0] * pages)
-        return self.prepare([chunk], [greedy], False)
+            return self.prepare(chunks, [greedy] * n, True, num_steps=k)
+        each = n // k
+        chunk = SeqChunk([0] * each, pages * self.page_size - each, [0] * pages)
+        return self.prepare([chunk] * k, [greedy] * k, False)
 
     def _compile(self, step: PreparedStep):
         """`step`'s compiled program, also kept in JAX's in-memory cache for its launches
