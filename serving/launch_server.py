@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
         "streams then get tokens in bursts)",
     )
     a(
+        "--enable-mixed-chunk",
+        action="store_true",
+        help="run the running requests' decode tokens in each prefill step, so that they do "
+        "not wait while prompts are computed",
+    )
+    a(
         "--grammar-backend",
         default=d.grammar_backend,
         choices=list(GRAMMAR_BACKENDS),
@@ -192,6 +198,7 @@ def options_from_args(args: argparse.Namespace) -> EngineOptions:
         node_rank=args.node_rank,
         dist_init_addr=args.dist_init_addr,
         num_continuous_decode_steps=args.num_continuous_decode_steps,
+        enable_mixed_chunk=args.enable_mixed_chunk,
         random_seed=args.random_seed,
         served_model_name=args.served_model_name,
         chat_template=template,

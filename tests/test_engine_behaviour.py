@@ -277,6 +277,37 @@ def test_nothing_recompiles_after_warmup_and_compiles_are_counted():
         assert m["step_compile_seconds_total"] > 0
 
 
+def test_mixed_chunk_decodes_while_a_prompt_is_computed():
+    """With --enable-mixed-chunk a running request's tokens come from the prefill steps of a
+    prompt that arrives meanwhile (no decode waits for it), and greedy outputs are unchanged."""
+    long_prompt = "Write about the sea. " * 40  # ~200 tokens: several 32-token chunks
+    params = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
+    outputs = {}
+    for mixed in (False, True):
+        with Generator(
+            dtype="float32",
+            max_total_tokens=2048,
+            context_length=512,
+            chunked_prefill_size=32,
+            enable_mixed_chunk=mixed,
+            warmup=False,
+            progress=False,
+        ) as g:
+            stream = g.generate("Count slowly: one, two,", params, stream=True)
+            first = next(iter(stream))  # the request is decoding now
+            second = g.generate(long_prompt, {"temperature": 0, "max_new_tokens": 4})
+            rest = list(stream)
+            ids = first["token_ids"] + [i for chunk in rest for i in chunk["token_ids"]]
+            outputs[mixed] = (ids, second["output_ids"])
+            st = g.engine.stats
+            assert (st.mixed_decode_tokens > 0) == mixed
+            if mixed:  # most of the prompt's chunks carried a token of the running request
+                assert st.mixed_decode_tokens >= 4
+            assert g.check_integrity() == {"running": 0, "waiting": 0}
+    assert outputs[True] == outputs[False]
+    assert len(outputs[True][0]) == 24
+
+
 def test_counters(gen):
     before = gen.engine.stats.generation_tokens
     gen.generate(["a b c", "d e f"], {"temperature": 0, "max_new_tokens": 5, "ignore_eos": True})

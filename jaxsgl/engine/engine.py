@@ -63,6 +63,7 @@ class EngineStats:
         self.num_decode_launches = 0  # fewer than the steps with --num-continuous-decode-steps
         self.num_lookahead_steps = 0  # decode steps launched before the previous one ended
         self.jump_forward_tokens = 0  # output tokens a grammar forced, appended unsampled
+        self.mixed_decode_tokens = 0  # decode tokens computed in prefill steps (mixed chunk)
         self.steps = collections.deque(maxlen=1024)  # (kind, requests, tokens) of recent steps
         self.token_times = collections.deque(maxlen=65536)  # when recent tokens were generated
         self.ttft = collections.deque(maxlen=4096)  # seconds, recent requests
@@ -308,6 +309,7 @@ class Engine:
         usage = 1 - kv.allocator.num_free / kv.num_usable_pages
         if batch.kind == "extend":
             st.num_extend_steps += 1
+            st.mixed_decode_tokens += batch.num_mixed
             cached = sum(c.prefix_len for c in batch.chunks)
             logger.info(
                 "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
@@ -446,7 +448,15 @@ def _live(batch: ScheduledBatch) -> list[int]:
 
 def _subset(batch: ScheduledBatch, rows: list[int]) -> ScheduledBatch:
     pick = lambda xs: [xs[i] for i in rows]
-    return ScheduledBatch(batch.kind, pick(batch.reqs), pick(batch.chunks), pick(batch.sample))
+    first_mixed = len(batch.reqs) - batch.num_mixed
+    return ScheduledBatch(
+        batch.kind,
+        pick(batch.reqs),
+        pick(batch.chunks),
+        pick(batch.sample),
+        batch.num_steps,
+        num_mixed=sum(i >= first_mixed for i in rows),
+    )
 
 
 def _live_rows(

@@ -38,6 +38,7 @@ class EngineOptions:
     disable_jump_forward: bool = False  # else forced grammar tokens are appended unsampled
     disable_overlap_schedule: bool = False  # else decode step N+1 launches before N ends
     num_continuous_decode_steps: int = 1  # decode steps per launch while the batch is stable
+    enable_mixed_chunk: bool = False  # running decodes ride along each prefill step
     random_seed: int = 0
     served_model_name: str | None = None
     chat_template: str | None = None

@@ -3,7 +3,9 @@
 Each step is either an extend (new tokens of one or more requests after their cached prefix:
 prompts, prompt chunks, recomputes after retraction) or a decode (one token for every running
 request whose prompt is done). Extends go first whenever a request can be admitted, so new
-arrivals start quickly; chunking keeps any one extend to `chunk_tokens`.
+arrivals start quickly; chunking keeps any one extend to `chunk_tokens`. With
+`enable_mixed_chunk` an extend also carries one token of every decoding request (a one-token
+run over its prefix, the last rows of the batch), so decodes go on while prompts are computed.
 
 Memory: admission keeps `new_token_ratio` of each running request's remaining output reserved,
 so decodes rarely run dry; when they do, the request with the fewest generated tokens is
@@ -33,6 +35,7 @@ class ScheduledBatch:
     chunks: list[SeqChunk]
     sample: list[bool]  # the chunk reaches the request's last token: a new token is sampled
     num_steps: int = 1  # decode steps run in one launch (`--num-continuous-decode-steps`)
+    num_mixed: int = 0  # an extend's last rows that are decodes riding along (mixed chunk)
 
 
 class Scheduler:
@@ -94,13 +97,31 @@ class Scheduler:
 
     def _schedule_extend(self, now: float) -> ScheduledBatch | None:
         budget = self.options.chunk_tokens
+        decoding = [r for r in self.running if not r.prefilling]
+        if self.options.enable_mixed_chunk:
+            budget -= len(decoding)  # their tokens share the step's token budget
         batch = ScheduledBatch("extend", [], [], [])
         for req in self.running:  # unfinished chunked prefills continue first
             if req.prefilling and budget > 0:
                 budget -= self._add_extend(batch, req, budget)
         if not self._window_open(now):
             self._admit(batch, budget)
-        return batch if batch.reqs else None
+        if not batch.reqs:
+            return None
+        if self.options.enable_mixed_chunk and decoding:
+            self._mix_decodes(batch, decoding)
+        return batch
+
+    def _mix_decodes(self, batch: ScheduledBatch, decoding: list[Request]) -> None:
+        """Append one decode row per request of `decoding` to the extend `batch`; none when
+        one of them lacks the page for its token (the decode step then retracts as usual)."""
+        if not all(self.kv.reserve(r, r.kv_len + 1) for r in decoding):
+            return
+        for req in decoding:
+            batch.reqs.append(req)
+            batch.chunks.append(SeqChunk(req.tokens[-1:], req.kv_len, list(req.pages)))
+            batch.sample.append(True)
+        batch.num_mixed = len(decoding)
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         limits = {id(r): self._match_limit(r) for r in self.waiting}
