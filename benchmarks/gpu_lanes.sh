@@ -21,10 +21,9 @@
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
-#   probe      cards 0,1: the decode step at TP 1 and TP 2 (batch 128, eight steps a launch)
-#              as it is and without XLA's dot merger, with a profile of TP 2's decode steps;
-#              cards 2,3: greedy parity of both backends at TP 1 and TP 2 (a stack dump if it
-#              runs out of time), then TP 2 with NCCL's LL protocol; then TP 4 on all four.
+#   probe      lanes: the extend kernel's sweep (card 0); greedy parity of both backends at
+#              TP 1 and TP 2 (cards 2,3; a stack dump if it runs out of time); then TP 4's
+#              decode step as it is and with each launch in CUDA graphs.
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -167,37 +166,29 @@ four-3() {  # four replicas compile their step shapes side by side: over three m
     serve mt-dp4-radix 0,1,2,3 30000 390 "--context-length 4096 --dp-size 4" "${MT[@]}"
 }
 
-tp2() {  # name, cards, extra overlap_gap flags...
-    local name=$1 cards=$2
-    shift 2
-    run "$name" 130 "$cards" python benchmarks/overlap_gap.py --model-path llama-3-8b \
-        --batch-size 128 --input-len 1024 --output-len 32 --overlap on --decode-steps 8 \
-        --out "$OUT/$name.json" "$@"
-}
-
 probe() {
-    local nomerge=--xla_disable_hlo_passes=dot-merger
-    (
-        tp2 tp2_base 0,1 --tp-size 1 2
-        XLA_FLAGS=$nomerge tp2 tp2_nomerge 0,1 --tp-size 1 2 --profile /tmp/tp2_trace
-        python benchmarks/trace_summary.py /tmp/tp2_trace --after ragged_extend \
-            --out "$OUT/tp2_trace.json" > "$OUT/tp2_trace.txt" 2>&1
-    ) &
+    # Lanes: the attention kernels (the extend kernel's work-item grid) on card 0; greedy
+    # parity of both backends at TP 1 and TP 2 on cards 2,3. Then TP 4's decode step as it
+    # is and with the whole launch (layer loop, all-reduces) in CUDA graphs: at four cards a
+    # layer's kernels take ~80 µs, and launching them one by one may be what bounds the step.
+    run kernels 300 0 python benchmarks/kernel_bench.py --only extend --out "$OUT/kernels.json" &
     (
         PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 200 python \
             benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \
             --expect benchmarks/backend_parity_cpu.json --out "$OUT/parity.json" \
             > "$OUT/backend_parity.log" 2>&1
         echo "== backend_parity (cards 2,3): exit $?"
-        XLA_FLAGS=$nomerge NCCL_PROTO=LL tp2 tp2_nomerge_ll 2,3 --tp-size 2
     ) &
     wait
-    XLA_FLAGS=$nomerge run tp4_nomerge 150 0,1,2,3 python benchmarks/overlap_gap.py \
-        --model-path llama-3-8b --batch-size 1 128 --input-len 1024 --output-len 32 \
-        --overlap on --decode-steps 8 --tp-size 4 --out "$OUT/tp4_nomerge.json"
-    cat "$OUT/tp2_trace.txt"
+    local graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL
+    local tp4=(python benchmarks/overlap_gap.py --model-path llama-3-8b --batch-size 1 128
+        --input-len 1024 --output-len 32 --overlap on --decode-steps 8 --tp-size 4)
+    run tp4 150 0,1,2,3 "${tp4[@]}" --out "$OUT/tp4.json"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graphs run tp4_graphs 150 0,1,2,3 "${tp4[@]}" \
+        --out "$OUT/tp4_graphs.json"
+    tail -n 8 "$OUT/kernels.log"
     tail -n 12 "$OUT/backend_parity.log"
-    for f in "$OUT"/tp*.log; do echo "--- $f"; tail -n 3 "$f"; done
+    for f in "$OUT"/tp4*.log; do echo "--- $f"; tail -n 3 "$f"; done
 }
 
 "${@:?serving-1, engine, serving-2, four-1, four-2, four-3, probe or random-tp1 CARDS CEILINGS}"
