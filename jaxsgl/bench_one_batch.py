@@ -145,6 +145,8 @@ def main(argv=None) -> list[dict]:
         loaded.config.vocab_size,
         attention_backend=args.attention_backend,
         unroll_layers=args.layers == "unrolled",
+        # The server's extend programs (context-wide page tables with the Pallas kernels).
+        max_context=max(i + o for _, i, o in cases),
     )
     cost = ModelCost.from_config(loaded.config, jnp.dtype(loaded.dtype).name)
     rng = np.random.default_rng(0)

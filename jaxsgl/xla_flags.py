@@ -1,4 +1,5 @@
-"""XLA flags jaxsgl sets before JAX starts its GPU backend (a flag the user already gave wins).
+"""XLA flags jaxsgl sets before JAX starts its GPU backend (a flag the user already gave wins;
+a list flag gets our items added to the user's).
 
 `--xla_gpu_enable_triton_gemm=false`: with layers under `lax.scan`, XLA's Triton GEMM fusions
 copy each layer's slice of the stacked weights before multiplying; cuBLAS reads it in place.
@@ -23,10 +24,23 @@ DEFAULT_FLAGS = {
 }
 
 
+# Flags whose value is a list: the user's list and ours are joined (a user who turns off some
+# other pass keeps the dot merger off too).
+LIST_FLAGS = {"--xla_disable_hlo_passes"}
+
+
 def apply_defaults(environ=os.environ) -> None:
-    """Append each default flag to XLA_FLAGS unless that flag is already set there."""
-    flags = environ.get("XLA_FLAGS", "")
-    given = {f.split("=", 1)[0] for f in flags.split()}
-    extra = [f"{name}={value}" for name, value in DEFAULT_FLAGS.items() if name not in given]
-    if extra:
-        environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    """Append each default flag to XLA_FLAGS unless that flag is already set there; for a
+    list flag, add the default's items to the user's list."""
+    words = environ.get("XLA_FLAGS", "").split()
+    given = {w.split("=", 1)[0]: i for i, w in enumerate(words)}
+    for name, value in DEFAULT_FLAGS.items():
+        if name not in given:
+            words.append(f"{name}={value}")
+        elif name in LIST_FLAGS:
+            i = given[name]
+            items = [x for x in words[i].split("=", 1)[1].split(",") if x]
+            items += [v for v in value.split(",") if v not in items]
+            words[i] = f"{name}=" + ",".join(items)
+    if words:
+        environ["XLA_FLAGS"] = " ".join(words)

@@ -243,8 +243,9 @@ def work_items(
     for the items past the step's work. W bounds the blocks any lengths within `max_q_len`
     and `num_tokens` can make.
 
-    Example, BQ = 16, q_lens [40, 0, 5]: blocks 3 and 1 (W = min(3 · 3, 3 + 3) = 6); the last
-    blocks first, then the rest: sequences [0, 2, 0, 0, -1, -1], blocks [2, 0, 1, 0, 0, 0].
+    Example, BQ = 16, q_lens [40, 0, 5], max_q_len 40, T = 48: 3 blocks and 1 (W = min(3 · 3,
+    3 + 3) = 6); the last blocks first, then the rest: sequences [0, 2, 0, 0, -1, -1], blocks
+    [2, 0, 1, 0, 0, 0].
     """
     S = q_lens.shape[0]
     W = min(S * cdiv(max_q_len, block_q), cdiv(num_tokens, block_q) + S)

@@ -48,6 +48,10 @@ _TOTALS = {
         "sglang:jump_forward_tokens",
         "Output tokens a grammar forced, appended without sampling",
     ),
+    "mixed_decode_tokens_total": (
+        "jaxsgl:mixed_decode_tokens",
+        "Decode tokens computed inside prefill steps (--enable-mixed-chunk)",
+    ),
     "step_compiles_total": (
         "jaxsgl:step_compiles",
         "Step programs compiled after warm-up (the engine waits for each)",

@@ -254,7 +254,10 @@ def test_batching_window_gathers_arrivals():
 
 
 def test_nothing_recompiles_after_warmup_and_compiles_are_counted():
+    # The native backend: its warm-up leaves extends of several sequences out (the Pallas
+    # kernels' warm-up covers them, see test_attention_backends).
     with Generator(
+        attention_backend="native",
         dtype="float32",
         max_total_tokens=2048,
         context_length=256,

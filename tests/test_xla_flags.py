@@ -25,6 +25,14 @@ def test_user_flags_kept_and_win():
     ]
 
 
+def test_a_users_list_of_disabled_passes_keeps_ours():
+    env = {"XLA_FLAGS": "--xla_disable_hlo_passes=foo,bar"}
+    xla_flags.apply_defaults(env)
+    assert "--xla_disable_hlo_passes=foo,bar,dot-merger" in env["XLA_FLAGS"].split()
+    xla_flags.apply_defaults(env)  # once only
+    assert "--xla_disable_hlo_passes=foo,bar,dot-merger" in env["XLA_FLAGS"].split()
+
+
 def test_importing_jaxsgl_set_the_process_flags():
     assert "--xla_gpu_enable_triton_gemm" in os.environ["XLA_FLAGS"]
     assert "--xla_disable_hlo_passes=dot-merger" in os.environ["XLA_FLAGS"]

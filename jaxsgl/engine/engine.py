@@ -310,13 +310,14 @@ class Engine:
         if batch.kind == "extend":
             st.num_extend_steps += 1
             st.mixed_decode_tokens += batch.num_mixed
-            cached = sum(c.prefix_len for c in batch.chunks)
+            prompts = batch.chunks[: len(batch.chunks) - batch.num_mixed]
             logger.info(
                 "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
-                "token usage: %.2f, #running-req: %d, #queue-req: %d",
-                len(batch.reqs),
-                st.steps[-1][2],
-                cached,
+                "#mixed-decode: %d, token usage: %.2f, #running-req: %d, #queue-req: %d",
+                len(prompts),
+                sum(len(c.tokens) for c in prompts),
+                sum(c.prefix_len for c in prompts),
+                batch.num_mixed,
                 usage,
                 len(sched.running),
                 len(sched.waiting),
@@ -417,6 +418,7 @@ class Engine:
             "num_retractions_total": sched.num_retractions,
             "num_evicted_pages_total": kv.num_evicted_pages,
             "jump_forward_tokens_total": st.jump_forward_tokens,
+            "mixed_decode_tokens_total": st.mixed_decode_tokens,
             "step_compiles_total": self.runner.num_runtime_compiles,
             "step_compile_seconds_total": self.runner.runtime_compile_seconds,
             **self._grammar_metrics(),
@@ -447,16 +449,9 @@ def _live(batch: ScheduledBatch) -> list[int]:
 
 
 def _subset(batch: ScheduledBatch, rows: list[int]) -> ScheduledBatch:
+    assert batch.kind == "decode"  # only lookahead steps outlive a request
     pick = lambda xs: [xs[i] for i in rows]
-    first_mixed = len(batch.reqs) - batch.num_mixed
-    return ScheduledBatch(
-        batch.kind,
-        pick(batch.reqs),
-        pick(batch.chunks),
-        pick(batch.sample),
-        batch.num_steps,
-        num_mixed=sum(i >= first_mixed for i in rows),
-    )
+    return ScheduledBatch(batch.kind, pick(batch.reqs), pick(batch.chunks), pick(batch.sample))
 
 
 def _live_rows(

@@ -58,6 +58,8 @@ MIN_EXTEND_TOKENS = 16
 # into a select over a copy of the whole pool (a 8k-token SmolLM2 pool: ~1 s a decode step
 # instead of ~45 ms). One masked column costs nothing measurable on any device.
 MIN_PAGES = 2
+# Warm-up steps: greedy, writing only to scratch page 0 (the pool's contents stay untouched).
+_WARM_ROW = RowState(params=SamplingParams(temperature=0.0), seed=0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,9 +152,10 @@ class ModelRunner:
         # Unrolled layers read weights in place but compile far slower: opt-in.
         loaded.model.unroll_layers = unroll_layers
         # Extend shapes: the Pallas kernel's grid follows the step's tokens, not its longest
-        # run or widest table, so with the tables as wide as the context (a few KB) an extend's
-        # program depends only on its tokens and sequences, and warm-up covers them all. The
-        # native path computes over whole tables and runs: there both stay tight.
+        # run or widest table, so with tables as wide as the context (4 bytes a page a
+        # sequence: 1 KB at 4k tokens, 32 KB at 128k) an extend's program depends only on its
+        # tokens and sequences, and warm-up covers them all. The native path computes over
+        # whole tables and runs: there both stay tight.
         self._extend_pages = None
         if loaded.model.attention.name == "pallas" and max_context:
             self._extend_pages = max(MIN_PAGES, bucket(-(-max_context // page_size)))
@@ -163,10 +166,14 @@ class ModelRunner:
         self.followers = followers
         self.multiprocess = jax.process_count() > 1
         self._launches = itertools.count()
-        # Launches outside warm-up that compiled a program: each one paused the engine.
+        # Launches outside warm-up that compiled a program: each one paused the engine. The
+        # programs live in one cache for the process; a launch counts a compile when the cache
+        # grew during it and its argument shapes are new to this runner (a data-parallel
+        # replica compiling at the same moment is not this runner's pause).
         self.num_runtime_compiles = 0
         self.runtime_compile_seconds = 0.0
         self._warming = False
+        self._signatures: set = set()
 
     @property
     def num_compiled(self) -> int:
@@ -242,21 +249,31 @@ class ModelRunner:
             self.followers.send(("launch", seq, step, None if prev is None else prev.seq))
         prev_tokens = prev.last_tokens if prev is not None else self._no_tokens(S)
         assert prev_tokens.shape == (S,), (prev_tokens.shape, S)
+        args = self._step_args(step, prev_tokens)
         programs, t0 = _step._cache_size(), time.perf_counter()
-        out, tgt, self.kv = _step(*self._step_args(step, prev_tokens))
-        if not self._warming and _step._cache_size() > programs:
-            self._count_compile(step, time.perf_counter() - t0)
+        out, tgt, self.kv = _step(*args)
+        grew = _step._cache_size() > programs
+        if grew or self._warming:
+            self._note_program(step, args, grew, time.perf_counter() - t0)
         self.num_steps += step.num_steps
         return PendingStep(out, tgt, step.num_chunks, step.num_steps, seq)
 
-    def _count_compile(self, step: PreparedStep, seconds: float) -> None:
+    def _note_program(self, step: PreparedStep, args, compiled: bool, seconds: float) -> None:
+        """Remember the program `args` run (warm-up's, or one compiled since); count and log
+        a compile outside warm-up."""
+        leaves, tree = jax.tree.flatten(args)
+        signature = (tree, tuple((np.shape(x), str(getattr(x, "dtype", ""))) for x in leaves))
+        new = signature not in self._signatures
+        self._signatures.add(signature)
+        if self._warming or not (compiled and new):
+            return
         b = step.batch
         self.num_runtime_compiles += 1
         self.runtime_compile_seconds += seconds
         logger.info(
-            "compiled a step shape outside warm-up (%d tokens, %d sequences, %d new tokens "
-            "each at most, %d pages each): %.2f s",
-            b.tokens.shape[0], b.q_start.shape[0], b.max_q_len, b.page_table.shape[1], seconds,
+            "compiled a step shape outside warm-up (%d tokens, %d sequences, page tables of "
+            "%d pages, %d steps a launch): %.2f s",
+            b.tokens.shape[0], b.q_start.shape[0], b.page_table.shape[1], step.num_steps, seconds,
         )  # fmt: skip
 
     def compiled_text(self, step: PreparedStep) -> str:
@@ -358,22 +375,30 @@ class ModelRunner:
         process must compile each program together with the others, so there the shapes
         compile one at a time, as each launches everywhere."""
         page_buckets = _powers(MIN_PAGES, max(MIN_PAGES, -(-max_context // self.page_size)))
-        steps = sorted({1, decode_steps})
-        shapes = [
-            ("decode", s, p, k) for k in steps for s in _powers(1, max_batch) for p in page_buckets
+        prepared = [
+            self._dummy_decode(s, p, k)
+            for k in sorted({1, decode_steps})
+            for s in _powers(1, max_batch)
+            for p in page_buckets
         ]
-        if self._extend_pages:
-            P, G = self._extend_pages, self.page_size
-            for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):  # t tokens over s sequences
-                seqs = [s for s in _powers(1, min(t, max_batch)) if t <= s * P * G]
-                shapes += [("extend", t, P, s) for s in seqs]
-        else:
-            for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
-                shapes += [("extend", t, p, 1) for p in page_buckets if p * self.page_size >= t]
-        prepared = [self._dummy_step(*shape) for shape in shapes]
+        for t in _powers(MIN_EXTEND_TOKENS, chunk_tokens):
+            if self._extend_pages:  # t tokens over s sequences, each within the context
+                P = self._extend_pages
+                seqs = [s for s in _powers(1, min(t, max_batch)) if t <= s * P * self.page_size]
+                prepared += [self._dummy_extend(t, P, s) for s in seqs]
+            else:
+                pages = [p for p in page_buckets if p * self.page_size >= t]
+                prepared += [self._dummy_extend(t, p, 1) for p in pages]
         alone = not self.multiprocess and self.followers is None
         self._warming = True
-        bar = tqdm(total=len(shapes), desc="Compiling step shapes", disable=not progress)
+        try:
+            self._warm(prepared, alone, compile_threads, progress)
+        finally:
+            self._warming = False
+        return len(prepared)
+
+    def _warm(self, prepared, alone: bool, compile_threads: int | None, progress: bool) -> None:
+        bar = tqdm(total=len(prepared), desc="Compiling step shapes", disable=not progress)
         if alone:
             for step in prepared:  # made here, not in the threads
                 self._no_tokens(step.batch.q_start.shape[0])
@@ -386,21 +411,18 @@ class ModelRunner:
             if not alone:
                 bar.update()
         bar.close()
-        self._warming = False
-        return len(shapes)
 
-    def _dummy_step(self, kind: str, n: int, pages: int, k: int = 1) -> PreparedStep:
-        """A greedy step that writes only to scratch page 0, leaving the pool's contents
-        untouched: a decode of n sequences over `pages` pages, `k` steps a launch, or an
-        extend of n tokens split evenly over k sequences of `pages` pages."""
-        greedy = RowState(params=SamplingParams(temperature=0.0), seed=0)
-        if kind == "decode":
-            prefix = max(0, pages * self.page_size - k)
-            chunks = [SeqChunk([0], prefix, [0] * pages)] * n
-            return self.prepare(chunks, [greedy] * n, True, num_steps=k)
-        each = n // k
+    def _dummy_decode(self, num_seqs: int, pages: int, num_steps: int) -> PreparedStep:
+        """A decode of `num_seqs` sequences over `pages` pages, `num_steps` steps a launch."""
+        prefix = max(0, pages * self.page_size - num_steps)
+        chunks = [SeqChunk([0], prefix, [0] * pages)] * num_seqs
+        return self.prepare(chunks, [_WARM_ROW] * num_seqs, True, num_steps=num_steps)
+
+    def _dummy_extend(self, num_tokens: int, pages: int, num_seqs: int) -> PreparedStep:
+        """An extend of `num_tokens` split evenly over `num_seqs` sequences of `pages` pages."""
+        each = num_tokens // num_seqs
         chunk = SeqChunk([0] * each, pages * self.page_size - each, [0] * pages)
-        return self.prepare([chunk] * k, [greedy] * k, False)
+        return self.prepare([chunk] * num_seqs, [_WARM_ROW] * num_seqs, False)
 
     def _compile(self, step: PreparedStep):
         """`step`'s compiled program, also kept in JAX's in-memory cache for its launches

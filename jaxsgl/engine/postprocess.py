@@ -50,7 +50,9 @@ def record_step(engine: Engine, batch: ScheduledBatch, result: StepResult) -> No
         elif req.last_token_time is not None and state.prev_token_time is not None:
             engine.stats.itl.append(req.last_token_time - state.prev_token_time)
         state.prev_token_time = req.last_token_time
-    if batch.kind == "extend":  # prompts' computed pages join the cache (not mixed decodes)
+    # Prompts' computed pages join the cache now; mixed decode rows, like decode steps, add
+    # theirs when the request finishes.
+    if batch.kind == "extend":
         for req in batch.reqs[: len(batch.reqs) - batch.num_mixed]:
             if req.finish_reason is None:
                 engine.scheduler.kv.cache_computed(req)

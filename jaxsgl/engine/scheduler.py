@@ -97,9 +97,8 @@ class Scheduler:
 
     def _schedule_extend(self, now: float) -> ScheduledBatch | None:
         budget = self.options.chunk_tokens
-        decoding = [r for r in self.running if not r.prefilling]
-        if self.options.enable_mixed_chunk:
-            budget -= len(decoding)  # their tokens share the step's token budget
+        decoding = self._decodes_to_mix()
+        budget -= len(decoding)  # their tokens share the step's token budget
         batch = ScheduledBatch("extend", [], [], [])
         for req in self.running:  # unfinished chunked prefills continue first
             if req.prefilling and budget > 0:
@@ -108,20 +107,27 @@ class Scheduler:
             self._admit(batch, budget)
         if not batch.reqs:
             return None
-        if self.options.enable_mixed_chunk and decoding:
-            self._mix_decodes(batch, decoding)
-        return batch
-
-    def _mix_decodes(self, batch: ScheduledBatch, decoding: list[Request]) -> None:
-        """Append one decode row per request of `decoding` to the extend `batch`; none when
-        one of them lacks the page for its token (the decode step then retracts as usual)."""
-        if not all(self.kv.reserve(r, r.kv_len + 1) for r in decoding):
-            return
-        for req in decoding:
+        for req in decoding:  # last, as one-token runs over their prefixes
             batch.reqs.append(req)
             batch.chunks.append(SeqChunk(req.tokens[-1:], req.kv_len, list(req.pages)))
             batch.sample.append(True)
         batch.num_mixed = len(decoding)
+        return batch
+
+    def _decodes_to_mix(self) -> list[Request]:
+        """The decoding requests an extend carries with `enable_mixed_chunk`: all of them, with
+        the page for each one's token reserved; none when they would take more than half the
+        step's tokens (prompts must still advance) or a page is short (the decode step then
+        retracts as usual)."""
+        prompts = self.waiting or any(r.prefilling for r in self.running)
+        if not self.options.enable_mixed_chunk or not prompts:
+            return []
+        decoding = [r for r in self.running if not r.prefilling]
+        if len(decoding) > self.options.chunk_tokens // 2:
+            return []
+        if not all(self.kv.reserve(r, r.kv_len + 1) for r in decoding):
+            return []
+        return decoding
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         limits = {id(r): self._match_limit(r) for r in self.waiting}
