@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--enable-mixed-chunk",
         action="store_true",
         help="run the running requests' decode tokens in each prefill step, so that they do "
-        "not wait while prompts are computed",
+        "not wait while prompts are computed (for the pallas attention backend)",
     )
     a(
         "--grammar-backend",
