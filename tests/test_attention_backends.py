@@ -99,6 +99,36 @@ def test_pallas_warm_up_covers_extends_of_any_mix(folder):
     assert [o["output_ids"] for o in got[:4]] == expected
 
 
+def test_mixed_chunk_with_the_pallas_kernels(folder):
+    """Decode rows inside prefill steps (one-token runs, which the Pallas backend hands to the
+    decode kernel) give the tokens the native backend gives without mixing."""
+    settings = dict(
+        load_format="dummy",
+        dtype="float32",
+        page_size=4,
+        chunked_prefill_size=32,
+        context_length=256,
+        max_total_tokens=1024,
+        warmup=False,
+        progress=False,
+    )
+    params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    long = _prompts()[1]  # 70 tokens: three chunks
+    outputs = {}
+    for backend, mixed in (("native", False), ("pallas", True)):
+        with Generator(
+            str(folder), attention_backend=backend, enable_mixed_chunk=mixed, **settings
+        ) as gen:
+            stream = gen.generate(input_ids=[5, 6, 7], sampling_params=params, stream=True)
+            first = next(iter(stream))  # decoding from here on
+            second = gen.generate(input_ids=long, sampling_params=params)
+            ids = first["token_ids"] + [i for c in stream for i in c["token_ids"]]
+            outputs[backend] = (ids, second["output_ids"])
+            assert (gen.engine.stats.mixed_decode_tokens > 0) == mixed
+            assert gen.check_integrity() == {"running": 0, "waiting": 0}
+    assert outputs["pallas"] == outputs["native"]
+
+
 def test_unknown_backend_is_a_value_error(folder):
     with pytest.raises(ValueError, match="attention_backend"):
         Generator(str(folder), load_format="dummy", attention_backend="flash", warmup=False)

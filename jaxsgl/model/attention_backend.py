@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxsgl.model import attention
@@ -87,13 +88,18 @@ def _pallas(
             interpret=interpret,
         )
         return out[batch.token_seq]
-    return ragged_extend_attention(
+    # One-token runs (decode rows riding in a prefill step, one-token prompts) go to the decode
+    # kernel, which reads each page once for the whole kv group; in the extend kernel each
+    # would fill a query block of one valid row. The extend kernel skips them (no new tokens)
+    # and leaves their rows zero.
+    single = batch.q_lens == 1  # [S]
+    out = ragged_extend_attention(
         q,
         k_pool,
         v_pool,
         layer,
         batch.q_start,
-        batch.q_lens,
+        jnp.where(single, 0, batch.q_lens),
         batch.seq_lens,
         batch.page_table,
         max_q_len=batch.max_q_len,
@@ -101,3 +107,16 @@ def _pallas(
         scale=scale,
         interpret=interpret,
     )
+    decoded = paged_decode_attention(
+        q[batch.q_start],  # [S, N, H]
+        k_pool,
+        v_pool,
+        layer,
+        batch.page_table,
+        jnp.where(single, batch.seq_lens, 0),  # 0: no work
+        page_size=batch.page_size,
+        scale=scale,
+        interpret=interpret,
+    )
+    rows = jnp.where(single, batch.q_start, q.shape[0])  # past the end: dropped
+    return out.at[rows].set(decoded, mode="drop")
