@@ -69,3 +69,15 @@ def small_generator(**options) -> Generator:
         progress=False,
         **options,
     )
+
+
+def decode_during_prefill(gen: Generator, first, second, params: dict, second_params: dict):
+    """Start `first` (text or ids) streaming; once it decodes, generate `second` (whose prompt
+    takes several prefill steps) to the end, then finish `first`. Returns both outputs' ids."""
+    key = "input_ids" if isinstance(first, list) else "prompt"
+    stream = gen.generate(**{key: first}, sampling_params=params, stream=True)
+    head = next(iter(stream))  # the request is decoding now
+    key = "input_ids" if isinstance(second, list) else "prompt"
+    other = gen.generate(**{key: second}, sampling_params=second_params)
+    ids = head["token_ids"] + [i for chunk in stream for i in chunk["token_ids"]]
+    return ids, other["output_ids"]

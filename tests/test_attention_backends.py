@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from engine_helpers import decode_during_prefill
 from tiny_models import make_tiny
 
 from jaxsgl.generator import Generator
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
+# The small engine of every test here: float32 random weights, 4-token pages, 32-token chunks.
+SMALL = dict(
+    load_format="dummy",
+    dtype="float32",
+    page_size=4,
+    chunked_prefill_size=32,
+    max_total_tokens=1024,
+    progress=False,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +46,9 @@ def _prompts() -> list[list[int]]:
 
 def _greedy(folder, backend: str, tp: int) -> list[list[int]]:
     with Generator(
-        str(folder),
-        load_format="dummy",
-        dtype="float32",
-        attention_backend=backend,
-        tp_size=tp,
-        page_size=4,
-        chunked_prefill_size=32,
-        max_total_tokens=1024,
-        max_running_requests=8,
-        warmup=False,
-        progress=False,
-    ) as gen:
+        str(folder), attention_backend=backend, tp_size=tp, max_running_requests=8,
+        warmup=False, **SMALL,
+    ) as gen:  # fmt: skip
         assert gen.engine.runner.loaded.model.attention.name == backend
         prompts = _prompts()
         first = gen.generate(input_ids=prompts[:2], sampling_params=GREEDY)
@@ -73,16 +74,7 @@ def test_pallas_warm_up_covers_extends_of_any_mix(folder):
     """With the Pallas kernels an extend's program depends only on its token and sequence
     buckets, and warm-up compiles them all: prompts of any lengths, arriving together or
     not, start without a compile."""
-    settings = dict(
-        load_format="dummy",
-        dtype="float32",
-        page_size=4,
-        chunked_prefill_size=32,
-        context_length=128,
-        max_total_tokens=1024,
-        max_running_requests=4,
-        progress=False,
-    )
+    settings = dict(SMALL, context_length=128, max_running_requests=4)
     prompts = _prompts()
     with Generator(str(folder), attention_backend="native", warmup=False, **settings) as gen:
         outs = gen.generate(input_ids=prompts, sampling_params=GREEDY)
@@ -102,28 +94,15 @@ def test_pallas_warm_up_covers_extends_of_any_mix(folder):
 def test_mixed_chunk_with_the_pallas_kernels(folder):
     """Decode rows inside prefill steps (one-token runs, which the Pallas backend hands to the
     decode kernel) give the tokens the native backend gives without mixing."""
-    settings = dict(
-        load_format="dummy",
-        dtype="float32",
-        page_size=4,
-        chunked_prefill_size=32,
-        context_length=256,
-        max_total_tokens=1024,
-        warmup=False,
-        progress=False,
-    )
     params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
     long = _prompts()[1]  # 70 tokens: three chunks
     outputs = {}
     for backend, mixed in (("native", False), ("pallas", True)):
         with Generator(
-            str(folder), attention_backend=backend, enable_mixed_chunk=mixed, **settings
-        ) as gen:
-            stream = gen.generate(input_ids=[5, 6, 7], sampling_params=params, stream=True)
-            first = next(iter(stream))  # decoding from here on
-            second = gen.generate(input_ids=long, sampling_params=params)
-            ids = first["token_ids"] + [i for c in stream for i in c["token_ids"]]
-            outputs[backend] = (ids, second["output_ids"])
+            str(folder), attention_backend=backend, enable_mixed_chunk=mixed,
+            context_length=256, warmup=False, **SMALL,
+        ) as gen:  # fmt: skip
+            outputs[backend] = decode_during_prefill(gen, [5, 6, 7], long, params, params)
             assert (gen.engine.stats.mixed_decode_tokens > 0) == mixed
             assert gen.check_integrity() == {"running": 0, "waiting": 0}
     assert outputs["pallas"] == outputs["native"]

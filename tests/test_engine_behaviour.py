@@ -3,7 +3,7 @@
 import time
 
 import pytest
-from engine_helpers import small_generator
+from engine_helpers import decode_during_prefill, small_generator
 
 from jaxsgl.generator import Generator
 
@@ -296,12 +296,10 @@ def test_mixed_chunk_decodes_while_a_prompt_is_computed():
             warmup=False,
             progress=False,
         ) as g:
-            stream = g.generate("Count slowly: one, two,", params, stream=True)
-            first = next(iter(stream))  # the request is decoding now
-            second = g.generate(long_prompt, {"temperature": 0, "max_new_tokens": 4})
-            rest = list(stream)
-            ids = first["token_ids"] + [i for chunk in rest for i in chunk["token_ids"]]
-            outputs[mixed] = (ids, second["output_ids"])
+            outputs[mixed] = decode_during_prefill(
+                g, "Count slowly: one, two,", long_prompt, params,
+                {"temperature": 0, "max_new_tokens": 4},
+            )  # fmt: skip
             st = g.engine.stats
             assert (st.mixed_decode_tokens > 0) == mixed
             if mixed:  # most of the prompt's chunks carried a token of the running request

@@ -122,7 +122,7 @@ class Scheduler:
         prompts = self.waiting or any(r.prefilling for r in self.running)
         if not self.options.enable_mixed_chunk or not prompts:
             return []
-        decoding = [r for r in self.running if not r.prefilling]
+        decoding = self._decoding()
         if len(decoding) > self.options.chunk_tokens // 2:
             return []
         if not all(self.kv.reserve(r, r.kv_len + 1) for r in decoding):
@@ -182,8 +182,11 @@ class Scheduler:
         batch.sample.append(req.kv_len + take == req.num_tokens)
         return take
 
+    def _decoding(self) -> list[Request]:
+        return [r for r in self.running if not r.prefilling]
+
     def _schedule_decode(self) -> ScheduledBatch | None:
-        reqs = [r for r in self.running if not r.prefilling]
+        reqs = self._decoding()
         while reqs:
             short = [r for r in reqs if not self.kv.reserve(r, r.kv_len + 1)]
             if not short:

@@ -74,20 +74,22 @@ def _pallas(
     scale: float,
     interpret: bool,
 ) -> jax.Array:
-    if batch.max_q_len == 1:
-        # Decode: sequence s's one token is row q_start[s]; back to rows by token_seq.
-        out = paged_decode_attention(
-            q[batch.q_start],  # [S, N, H]
+    def decode(seq_lens: jax.Array) -> jax.Array:
+        """[S, N, H]: each sequence's one token (row q_start[s]) over its first seq_lens[s] keys."""
+        return paged_decode_attention(
+            q[batch.q_start],
             k_pool,
             v_pool,
             layer,
             batch.page_table,
-            batch.seq_lens,
+            seq_lens,
             page_size=batch.page_size,
             scale=scale,
             interpret=interpret,
         )
-        return out[batch.token_seq]
+
+    if batch.max_q_len == 1:  # a decode step: back to rows by token_seq
+        return decode(batch.seq_lens)[batch.token_seq]
     # One-token runs (decode rows riding in a prefill step, one-token prompts) go to the decode
     # kernel, which reads each page once for the whole kv group; in the extend kernel each
     # would fill a query block of one valid row. The extend kernel skips them (no new tokens)
@@ -107,16 +109,5 @@ def _pallas(
         scale=scale,
         interpret=interpret,
     )
-    decoded = paged_decode_attention(
-        q[batch.q_start],  # [S, N, H]
-        k_pool,
-        v_pool,
-        layer,
-        batch.page_table,
-        jnp.where(single, batch.seq_lens, 0),  # 0: no work
-        page_size=batch.page_size,
-        scale=scale,
-        interpret=interpret,
-    )
     rows = jnp.where(single, batch.q_start, q.shape[0])  # past the end: dropped
-    return out.at[rows].set(decoded, mode="drop")
+    return out.at[rows].set(decode(jnp.where(single, batch.seq_lens, 0)), mode="drop")
