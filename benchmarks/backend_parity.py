@@ -9,12 +9,16 @@ tokens its sequences hold: equal outputs mean little if they do not move.
 
     python benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \\
         --expect benchmarks/backend_parity_cpu.json
+
+`pallas-triton` and `pallas-hopper` force the pallas backend's extend kernel (the Hopper one
+takes 16-bit pools only: `--dtype bfloat16`, where rounding may part the backends' tokens).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import jax
@@ -33,11 +37,16 @@ def prompts() -> list[list[int]]:
     return out
 
 
-def run(model: str, backend: str, tp: int) -> list[list[int]]:
+def run(model: str, backend: str, tp: int, dtype: str) -> list[list[int]]:
+    backend, _, kernel = backend.partition("-")
+    if kernel:
+        os.environ["JAXSGL_EXTEND_KERNEL"] = kernel
+    else:
+        os.environ.pop("JAXSGL_EXTEND_KERNEL", None)
     with Generator(  # one model, fresh random weights from the same seed each time
         model,
         load_format="dummy",
-        dtype="float32",
+        dtype=dtype,
         attention_backend=backend,
         tp_size=tp,
         page_size=16,
@@ -59,7 +68,10 @@ def main(argv=None) -> None:
         default="benchmarks/configs/parity-gqa4",
         help="a preset or config folder, random weights",
     )
-    p.add_argument("--backends", nargs="+", default=["native"])
+    p.add_argument(
+        "--backends", nargs="+", default=["native"], help="native, pallas, pallas-triton, ..."
+    )
+    p.add_argument("--dtype", default="float32")
     p.add_argument("--tp-sizes", type=int, nargs="+", default=[1])
     p.add_argument("--expect", default=None, help="outputs recorded elsewhere to compare with")
     p.add_argument("--out", default=None)
@@ -70,7 +82,7 @@ def main(argv=None) -> None:
     for b in args.backends:
         for tp in args.tp_sizes:
             t0 = time.perf_counter()
-            outputs[f"{b} tp{tp}"] = run(args.model_path, b, tp)
+            outputs[f"{b} tp{tp}"] = run(args.model_path, b, tp, args.dtype)
             distinct = [len(set(seq)) for seq in outputs[f"{b} tp{tp}"]]
             print(
                 f"{b} tp{tp}: {time.perf_counter() - t0:.1f} s, distinct tokens a sequence "
@@ -89,7 +101,7 @@ def main(argv=None) -> None:
         others = [(f"{device} {o}", outputs[o]) for o in outputs if o != b]
         for name, ref in others + ([reference] if reference else []):
             same = sum(a == r for a, r in zip(out, ref, strict=True))
-            print(f"{device} {b:11} vs {name:20}: {same}/{len(out)} identical sequences")
+            print(f"{device} {b:18} vs {name:25}: {same}/{len(out)} identical sequences")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,10 @@
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
-#   probe      lanes: the extend kernel's sweep (card 0); greedy parity of both backends at
-#              TP 1 and TP 2 (cards 2,3; a stack dump if it runs out of time); then TP 4's
-#              decode step as it is and with each launch in CUDA graphs.
+#   hopper     one card: bfloat16 greedy parity of native and both extend kernels; prefill
+#              with each extend kernel.
+#   probe      lanes: the extend kernels' ragged checks and sweep (card 0); greedy parity of
+#              both backends at TP 1 and TP 2 (cards 2,3; a stack dump if it runs out of time).
 set -u
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -38,7 +39,9 @@ run() {  # name, seconds, cards, command...
     shift 3
     local t0=$SECONDS
     CUDA_VISIBLE_DEVICES=$cards timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
-    echo "== $name (cards $cards): exit $?, $((SECONDS - t0)) s"
+    local rc=$?
+    echo "== $name (cards $cards): exit $rc, $((SECONDS - t0)) s"
+    return $rc
 }
 
 engine() {
@@ -167,28 +170,43 @@ four-3() {  # four replicas compile their step shapes side by side: over three m
 }
 
 probe() {
-    # Lanes: the attention kernels (the extend kernel's work-item grid) on card 0; greedy
-    # parity of both backends at TP 1 and TP 2 on cards 2,3. Then TP 4's decode step as it
-    # is and with the whole launch (layer loop, all-reduces) in CUDA graphs: at four cards a
-    # layer's kernels take ~80 µs, and launching them one by one may be what bounds the step.
-    run kernels 300 0 python benchmarks/kernel_bench.py --only extend --out "$OUT/kernels.json" &
+    # Lanes: the extend kernels on card 0 (the Hopper kernel's ragged checks first, in their
+    # own process, as a hang there must not cost the sweep); greedy parity of both backends at
+    # TP 1 and TP 2 on cards 2,3.
     (
-        PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 200 python \
+        local skip=()
+        run hopper_check 150 0 python benchmarks/kernel_bench.py --check-only || skip=(--no-hopper)
+        run kernels 300 0 python benchmarks/kernel_bench.py --only extend "${skip[@]}" \
+            --out "$OUT/kernels.json"
+    ) &
+    (
+        PYTHONFAULTHANDLER=1 CUDA_VISIBLE_DEVICES=2,3 timeout -s ABRT 240 python \
             benchmarks/backend_parity.py --backends native pallas --tp-sizes 1 2 \
             --expect benchmarks/backend_parity_cpu.json --out "$OUT/parity.json" \
             > "$OUT/backend_parity.log" 2>&1
         echo "== backend_parity (cards 2,3): exit $?"
     ) &
     wait
-    local graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,COLLECTIVES,WHILE,CONDITIONAL
-    local tp4=(python benchmarks/overlap_gap.py --model-path llama-3-8b --batch-size 1 128
-        --input-len 1024 --output-len 32 --overlap on --decode-steps 8 --tp-size 4)
-    run tp4 150 0,1,2,3 "${tp4[@]}" --out "$OUT/tp4.json"
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graphs run tp4_graphs 150 0,1,2,3 "${tp4[@]}" \
-        --out "$OUT/tp4_graphs.json"
-    tail -n 8 "$OUT/kernels.log"
+    grep "^check" "$OUT/hopper_check.log" | cut -c1-300
+    tail -n 12 "$OUT/kernels.log"
     tail -n 12 "$OUT/backend_parity.log"
-    for f in "$OUT"/tp4*.log; do echo "--- $f"; tail -n 3 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, probe or random-tp1 CARDS CEILINGS}"
+hopper() {
+    # One card: the engine with each extend kernel. Greedy outputs in bfloat16 (the Hopper
+    # kernel's dtypes) of native and both pallas kernels, then prefill with each kernel.
+    run parity_bf16 300 0 python benchmarks/backend_parity.py --dtype bfloat16 \
+        --backends native pallas-triton pallas-hopper --out "$OUT/parity_bf16.json"
+    local kernel
+    for kernel in triton hopper; do
+        JAXSGL_EXTEND_KERNEL=$kernel run "prefill_$kernel" 200 0 sh -c "
+            python -m jaxsgl.bench_one_batch ${MODEL[*]} --batch-size 128 --input-len 1024 \
+                --output-len 4 --result-file $OUT/prefill_$kernel.jsonl &&
+            python -m jaxsgl.bench_one_batch ${MODEL[*]} --batch-size 8 --input-len 4096 \
+                --output-len 4 --result-file $OUT/prefill_$kernel.jsonl"
+    done
+    tail -n 14 "$OUT/parity_bf16.log"
+    for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
+}
+
+"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, probe, hopper or random-tp1 CARDS CEILINGS}"

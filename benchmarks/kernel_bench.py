@@ -22,8 +22,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsgl.roofline import measure_ceilings, time_call
+from pallas_kernels import ragged_extend_hopper
 from pallas_kernels.paged_decode import paged_decode_attention
-from pallas_kernels.ragged_extend import ragged_extend_attention
+from pallas_kernels.ragged_extend import (
+    ragged_extend_attention,
+    ragged_extend_attention_reference,
+)
 
 N, K, H, G = 32, 8, 128, 16
 SCALE = H**-0.5
@@ -119,7 +123,7 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
     return rows
 
 
-def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[dict]:
+def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: bool) -> list[dict]:
     ctx = prefix + new
     table, num_pages = _tables(rng, S, ctx)
     k, v = _pool(rng, num_pages)
@@ -137,16 +141,8 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
         [_dense_reference(q[s * new : (s + 1) * new], k, v, table, q_pos, s) for s in range(S)]
     )
     rows = []
-    if sweep:
-        grid = [
-            (bq, bk, w, st, e)
-            for bq, bk, w, st, e in itertools.product(
-                (32, 64, 128), (32, 64, 128), (4, 8), (2,), (1, 4)
-            )
-            if 64 <= bq * e <= 256
-        ]
-    else:
-        grid = [(32, 64, 4, 2, 4)]
+    # The Triton kernel's sweep (2026-11-26, kernel_notes.md) found these near its best.
+    grid = [(32, 128, 8, 2, 4), (128, 128, 8, 2, 1), (32, 64, 4, 3, 4)] if sweep else []
     for bq, bk, warps, stages, heads in grid:
         fn = jax.jit(
             functools.partial(
@@ -164,6 +160,21 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
         args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
         config = f"bq{bq} e{heads} bk{bk} w{warps} s{stages}"
         rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
+    if hopper and ragged_extend_hopper.supported(jax.devices()[0], q.dtype, H, G):
+        for bk, stages in ((128, 2), (64, 2), (64, 3), (64, 4)) if sweep else ((128, 2),):
+            fn = jax.jit(
+                functools.partial(
+                    ragged_extend_hopper.ragged_extend_attention_hopper,
+                    max_q_len=new,
+                    page_size=G,
+                    scale=SCALE,
+                    block_k=bk,
+                    stages=stages,
+                )
+            )
+            args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
+            config = f"hopper bk{bk} s{stages}"
+            rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
     if prefix == 0:  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
         slots = [(table[s][:, None] * G + jnp.arange(G)).reshape(-1) for s in range(S)]
         kd = jnp.stack([k[0][:, sl] for sl in slots])  # [S, K, C, H]
@@ -181,11 +192,56 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool) -> list[
     return rows
 
 
+def check_extend(rng, hopper: bool) -> list[dict]:
+    """Each extend kernel on ragged runs against the float32 reference: prefixes of 0 and
+    more, lengths off page multiples, a run left to the decode kernel (length 0), a one-token
+    run, rows past the last run (which must come back as zeros), the second of two layers,
+    pages of 16 and 64 and GQA ratios 4 and 1."""
+    rows = []
+    for page, heads, kv_heads in ((16, 32, 8), (64, 8, 8)):
+        kernels = {"triton": ragged_extend_attention}
+        q_lens = np.array([200, 0, 77, 1, 130], np.int32)
+        prefix = np.array([0, 40, 300, 1000, 5], np.int32)
+        seq_lens = q_lens + prefix
+        q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int32)
+        T = 512  # 408 rows of runs, then padding
+        P = -(-int(seq_lens.max()) // page)
+        pages = rng.permutation(np.arange(1, 1 + len(q_lens) * P)).reshape(len(q_lens), P)
+        num_slots = (1 + len(q_lens) * P) * page
+        key = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+        pool_shape = (2, kv_heads, num_slots, H)
+        k = jax.random.normal(key[0], pool_shape, jnp.bfloat16)
+        v = jax.random.normal(key[1], pool_shape, jnp.bfloat16)
+        q = jax.random.normal(key[2], (T, heads, H), jnp.bfloat16)
+        args = (q, k, v, 1, *map(jnp.asarray, (q_start, q_lens, seq_lens, pages.astype(np.int32))))
+        ref = ragged_extend_attention_reference(*args, page_size=page, scale=SCALE)
+        if hopper and ragged_extend_hopper.supported(jax.devices()[0], q.dtype, H, page):
+            kernels["hopper"] = ragged_extend_hopper.ragged_extend_attention_hopper
+        for name, kernel in kernels.items():
+            fn = functools.partial(kernel, max_q_len=int(q_lens.max()), page_size=page, scale=SCALE)
+            try:
+                out = jax.jit(fn)(*args).astype(jnp.float32)
+            except Exception as e:  # a compiler's refusal is a failed check
+                rows.append(dict(kernel=name, page=page, ok=False, error=str(e)[:300]))
+                continue
+            runs = zip(q_start, q_lens, strict=True)
+            seq_rows = np.concatenate([np.arange(s, s + n) for s, n in runs])
+            err = _rel(out[seq_rows], ref[seq_rows])
+            pad = float(jnp.abs(out[int(q_start[-1] + q_lens[-1]) :]).max())
+            ok = err < 2e-2 and pad == 0.0
+            rows.append(dict(kernel=name, page=page, rel_err=err, padding_max=pad, ok=ok))
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None, help="write all rows as JSON here")
     p.add_argument("--no-sweep", action="store_true", help="one block configuration per case")
     p.add_argument("--only", choices=["decode", "extend"], default=None, help="one kernel's cases")
+    p.add_argument(
+        "--check-only", action="store_true", help="only the ragged checks of the extend kernels"
+    )
+    p.add_argument("--no-hopper", action="store_true", help="leave out the Hopper extend kernel")
     args = p.parse_args(argv)
     rng = np.random.default_rng(0)
     ceil = measure_ceilings()
@@ -196,15 +252,21 @@ def main(argv=None) -> None:
     )
     sweep = not args.no_sweep
     rows = []
+    hopper = not args.no_hopper
+    checks = check_extend(rng, hopper)
+    for c in checks:
+        print("check", c, flush=True)
+    if args.check_only:
+        raise SystemExit(0 if all(c["ok"] for c in checks) else 1)
     if args.only in (None, "decode"):
         rows += bench_decode(rng, ceil, 64, 2048, sweep)
         rows += bench_decode(rng, ceil, 4, 16384, sweep)
     if args.only in (None, "extend"):
-        rows += bench_extend(rng, ceil, 4, 2048, 0, sweep)
-        rows += bench_extend(rng, ceil, 1, 2048, 6144, sweep)
+        rows += bench_extend(rng, ceil, 4, 2048, 0, sweep, hopper)
+        rows += bench_extend(rng, ceil, 1, 2048, 6144, sweep, hopper)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(dict(ceilings=ceil.__dict__, rows=rows), f, indent=1)
+            json.dump(dict(ceilings=ceil.__dict__, rows=rows, checks=checks), f, indent=1)
     best: dict[str, dict] = {}
     for r in rows:
         if "error" in r:
@@ -220,6 +282,10 @@ def main(argv=None) -> None:
             f"{r['rel_err']:9.1e}"
         )
     print(f"errors: {sum('error' in r for r in rows)} of {len(rows)} configurations")
+    failed = [c for c in checks if not c["ok"]]
+    print(f"ragged checks: {len(checks) - len(failed)} of {len(checks)} passed")
+    if failed:
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

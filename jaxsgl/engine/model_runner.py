@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxsgl.distributed import Followers, to_host
-from jaxsgl.model.attention_backend import AttentionBackend, default_backend
+from jaxsgl.model.attention_backend import AttentionBackend, default_backend, extend_kernel
 from jaxsgl.model.forward_batch import (
     ForwardBatch,
     KVPool,
@@ -142,12 +142,14 @@ class ModelRunner:
         device_cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
         self.kv = make_kv_pool(device_cfg, num_pages, page_size, loaded.dtype, loaded.mesh)
         self.kv_sharding = kv_pool_sharding(device_cfg, loaded.mesh)
-        platform = loaded.mesh.devices.flat[0].platform
+        device = loaded.mesh.devices.flat[0]
+        head_dim = loaded.config.head_dim
         loaded.model.attention = AttentionBackend(
-            attention_backend or default_backend(platform),
+            attention_backend or default_backend(device.platform),
             mesh=loaded.mesh,
             heads_sharded=self.kv_sharding.spec[1] is not None,
-            interpret=platform != "gpu",  # Pallas kernels run interpreted off GPUs (tests)
+            interpret=device.platform != "gpu",  # Pallas kernels run interpreted off GPUs
+            extend=extend_kernel(device, loaded.dtype, head_dim, page_size),
         )
         # Unrolled layers read weights in place but compile far slower: opt-in.
         loaded.model.unroll_layers = unroll_layers
@@ -159,7 +161,9 @@ class ModelRunner:
         self._extend_pages = None
         if loaded.model.attention.name == "pallas" and max_context:
             self._extend_pages = max(MIN_PAGES, bucket(-(-max_context // page_size)))
-        logger.info("attention backend: %s", loaded.model.attention.name)
+        attn = loaded.model.attention
+        kernels = f" (extend kernel: {attn.extend})" if attn.name == "pallas" else ""
+        logger.info("attention backend: %s%s", attn.name, kernels)
         self.graphdef, self.state = nnx.split(loaded.model)
         self.num_steps = 0
         self._zero_tokens: dict[int, jax.Array] = {}
