@@ -21,6 +21,8 @@
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
+#   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
+#              compare SERVER_ARGS.
 #   hopper     one card: bfloat16 greedy parity of native and both extend kernels; prefill
 #              with each extend kernel.
 #   probe      lanes: the extend kernels' ragged checks and sweep (card 0); greedy parity of
@@ -153,13 +155,22 @@ four-1() {
             --batch-size 1 128 --input-len 1024 --output-len 16 \
             --result-file "$OUT/one_batch.jsonl"
     ) &
-    serve mt-tp2-radix 2,3 30002 220 "--context-length 4096 --tp-size 2" "${MT[@]}" &
+    serve mt-tp2-radix 2,3 30002 300 "--context-length 4096 --tp-size 2" "${MT[@]}" &
     wait
     table
 }
 
+four-mt() {  # the multi-turn rows only: TP 1 with and without radix, TP 2, then TP 4
+    serve mt-tp1-noradix 0 30000 300 "--context-length 4096 --disable-radix-cache" "${MT[@]}" &
+    serve mt-tp1-radix 1 30001 300 "--context-length 4096" "${MT[@]}" &
+    serve mt-tp2-radix 2,3 30002 300 "--context-length 4096 --tp-size 2" "${MT[@]}" &
+    wait
+    serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
+    python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
+}
+
 four-2() {
-    serve mt-tp4-radix 0,1,2,3 30000 230 "--context-length 4096 --tp-size 4" "${MT[@]}"
+    serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
     run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
         --tp-size 4 --batch-size 1 128 --input-len 1024 --output-len 16 \
         --result-file "$OUT/one_batch.jsonl"
@@ -209,4 +220,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
