@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - jax builds without Mosaic GPU
     plgpu = None
 
 WARPGROUP_ROWS = 64  # rows of one wgmma: the new tokens a compute warpgroup owns
+SEQUENCE_SLOTS = 256  # sequences a kernel takes without being built anew (see the wrapper)
 
 
 def supported(device, dtype, head_dim: int, page_size: int, block_k: int = 128) -> bool:
@@ -97,11 +98,17 @@ def ragged_extend_attention_hopper(
     pages_per_block = BK // G
     P = page_table.shape[1]
     P_pad = cdiv(P, pages_per_block) * pages_per_block
-    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, P_pad - P)))
+    # A Mosaic GPU kernel takes seconds to build, once per distinct kernel. Padding the
+    # sequences (with empty runs) to a count that follows from T makes the kernel depend on
+    # the step's token count alone, not on its (tokens, sequences) bucket.
+    S_pad = max(S, min(T, SEQUENCE_SLOTS))
+    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, S_pad - S), (0, P_pad - P)))
+    q_start, q_lens, seq_lens = (
+        jnp.pad(x.astype(jnp.int32), (0, S_pad - S)) for x in (q_start, q_lens, seq_lens)
+    )
 
     # Rows past the last sequence are one more run, marked by a context of 0 tokens (a real
     # run of new tokens has at least as many tokens of context).
-    q_start, q_lens, seq_lens = (x.astype(jnp.int32) for x in (q_start, q_lens, seq_lens))
     end = jnp.max(q_start + q_lens)
     q_start = jnp.concatenate([q_start, end[None]])
     q_lens = jnp.concatenate([q_lens, (T - end)[None]])
