@@ -10,9 +10,9 @@ the exponentials hide behind the matmuls instead of following them.
 
 Grid (q heads, work items), heads fastest: the R heads of a kv group run side by side and read
 the same pages, which L2 then serves once. A work item is 2 · 64 new tokens of one sequence
-(`ragged_extend.work_items`, longest first); rows past the last sequence form one more item
-list whose blocks only write zeros, so every row of the output is written and nothing needs a
-zeroed buffer first. Rows inside a sequence of length 0 (runs the caller leaves to the decode
+(`ragged_extend.work_items`, longest first); rows past the last sequence form one more run
+whose items only write zeros, so every row of the output is written and nothing needs a zeroed
+buffer first. Rows inside a sequence of length 0 (runs the caller leaves to the decode
 kernel) are left unwritten: the caller overwrites them.
 
 Needs bf16 or f16, a head dim that is a multiple of 64 and pages of a multiple of 8 rows (a
@@ -27,24 +27,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.common import LOG2_E, MASKED, cdiv, check_pool
 from pallas_kernels.ragged_extend import work_items
 
-try:  # Mosaic GPU needs a CUDA jaxlib to lower; importing it works everywhere.
-    from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # pragma: no cover - jax builds without Mosaic GPU
-    plgpu = None
-
 WARPGROUP_ROWS = 64  # rows of one wgmma: the new tokens a compute warpgroup owns
-SEQUENCE_SLOTS = 256  # sequences a kernel takes without being built anew (see the wrapper)
 
 
 def supported(device, dtype, head_dim: int, page_size: int, block_k: int = 128) -> bool:
     """Whether this kernel runs these shapes on `device` (a Hopper GPU)."""
     return (
-        plgpu is not None
-        and device.platform == "gpu"
+        device.platform == "gpu"
         and str(getattr(device, "compute_capability", "")).startswith("9")
         and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 64 == 0
@@ -94,18 +88,12 @@ def ragged_extend_attention_hopper(
     R = N // K
     slots = k_pool.shape[2]
     BQ, BK, G = WARPGROUP_ROWS, block_k, page_size
-    tile = 2 * BQ
+    item_rows = 2 * BQ  # new tokens of one work item: one per compute warpgroup
     pages_per_block = BK // G
     P = page_table.shape[1]
     P_pad = cdiv(P, pages_per_block) * pages_per_block
-    # A Mosaic GPU kernel takes seconds to build, once per distinct kernel. Padding the
-    # sequences (with empty runs) to a count that follows from T makes the kernel depend on
-    # the step's token count alone, not on its (tokens, sequences) bucket.
-    S_pad = max(S, min(T, SEQUENCE_SLOTS))
-    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, S_pad - S), (0, P_pad - P)))
-    q_start, q_lens, seq_lens = (
-        jnp.pad(x.astype(jnp.int32), (0, S_pad - S)) for x in (q_start, q_lens, seq_lens)
-    )
+    page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, P_pad - P)))
+    q_start, q_lens, seq_lens = (x.astype(jnp.int32) for x in (q_start, q_lens, seq_lens))
 
     # Rows past the last sequence are one more run, marked by a context of 0 tokens (a real
     # run of new tokens has at least as many tokens of context).
@@ -113,7 +101,7 @@ def ragged_extend_attention_hopper(
     q_start = jnp.concatenate([q_start, end[None]])
     q_lens = jnp.concatenate([q_lens, (T - end)[None]])
     seq_lens = jnp.concatenate([seq_lens, jnp.zeros((1,), jnp.int32)])
-    item_seq, item_block = work_items(q_lens, tile, max(max_q_len, T), T)
+    item_seq, item_block = work_items(q_lens, item_rows, max(max_q_len, T), T)
     W = item_seq.shape[0]
     c = scale * LOG2_E  # scores in base 2, scaled: exp2(x · c - m) = exp(x · scale - m')
 
@@ -129,7 +117,7 @@ def ragged_extend_attention_hopper(
             plgpu.barrier_arrive(turn)
             plgpu.barrier_wait(turn)
 
-        def _attend(start, steps, max_steps, prefix, row0, head, wg):
+        def attend(start, steps, max_steps, prefix, row0, head, wg):
             """[BQ, H] float32: this warpgroup's rows of the item, normalised."""
             q_tile = q_smem.at[wg]
 
@@ -145,10 +133,10 @@ def ragged_extend_attention_hopper(
                 plgpu.commit_smem()
                 plgpu.barrier_wait(k_bars.at[0])
 
-            rows, cols = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA
-            m = plgpu.layout_cast(jnp.full((BQ,), MASKED, jnp.float32), rows)
-            l = plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), rows)
-            acc = plgpu.layout_cast(jnp.zeros((BQ, H), jnp.float32), cols)
+            per_row, tile = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA
+            m = plgpu.layout_cast(jnp.full((BQ,), MASKED, jnp.float32), per_row)
+            l = plgpu.layout_cast(jnp.zeros((BQ,), jnp.float32), per_row)
+            acc = plgpu.layout_cast(jnp.zeros((BQ, H), jnp.float32), tile)
             pl.when(wg == 1)(take_turn)
 
             def step(i, carry, masked: bool):
@@ -215,7 +203,7 @@ def ragged_extend_attention_hopper(
         def _():
             q_len, seq_len, row0 = len_ref[s], ctx_ref[s], start_ref[s]
             prefix = seq_len - q_len
-            first = block_ref[w] * tile  # the item's first new token
+            first = block_ref[w] * item_rows  # the item's first new token
 
             def steps_of(g):  # key blocks warpgroup g reads: to its last valid query
                 start = first + g * BQ
@@ -230,7 +218,7 @@ def ragged_extend_attention_hopper(
                 start = first + wg * BQ
                 rows = jnp.clip(q_len - start, 0, BQ)  # valid rows of this warpgroup
                 steps = steps_of(wg)
-                out = _attend(start, steps, max_steps, prefix, row0, head, wg)
+                out = attend(start, steps, max_steps, prefix, row0, head, wg)
                 o_smem.at[wg][...] = out.astype(o_smem.dtype)
                 plgpu.commit_smem()
                 _store_rows(o_smem.at[wg], o_ref, row0 + start, rows, head)
