@@ -14,7 +14,13 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxsgl.model.attention_backend import AttentionBackend, extend_kernel
+from jaxsgl.model.attention_backend import (
+    HOPPER_MIN_TOKENS,
+    AttentionBackend,
+    _pallas,
+    extend_kernel,
+)
+from jaxsgl.model.forward_batch import ForwardBatch
 from pallas_kernels import ragged_extend_hopper
 from pallas_kernels.ragged_extend_hopper import ragged_extend_attention_hopper
 
@@ -92,3 +98,30 @@ def test_lowers_to_one_mosaic_gpu_kernel_for_cuda():
     )
     text = lowered.as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+
+
+@pytest.mark.parametrize(
+    "tokens, hopper", [(HOPPER_MIN_TOKENS // 2, False), (HOPPER_MIN_TOKENS, True)]
+)
+def test_backend_takes_the_hopper_kernel_for_large_extend_steps(tokens, hopper):
+    """With the Hopper kernel chosen, an extend step of fewer than HOPPER_MIN_TOKENS tokens
+    still lowers to the Triton kernel (each Hopper shape costs warm-up a second of lowering);
+    decode rows of the step go to the decode kernel either way."""
+    T, S, N, K, H, G = tokens, 4, 8, 2, 64, 16
+    arg = jax.ShapeDtypeStruct
+    ints = functools.partial(arg, dtype=jnp.int32)
+    batch = ForwardBatch(
+        *(ints((T,)),) * 4, *(ints((S,)),) * 3, ints((S, 8)), ints((S,)), max_q_len=T, page_size=G
+    )
+    pool = arg((1, K, 1024, H), jnp.bfloat16)
+    fn = functools.partial(_pallas, scale=H**-0.5, interpret=False, extend="hopper")
+    text = (
+        jax.jit(fn)
+        .trace(arg((T, N, H), jnp.bfloat16), pool, pool, 0, batch)
+        .lower(lowering_platforms=("cuda",))
+        .as_text()
+    )
+    # The decode kernel (one-token runs) is Triton-lowered in both; the extend kernel is one or
+    # the other.
+    assert text.count("custom_call @mosaic_gpu") == int(hopper)
+    assert text.count("custom_call @__gpu$xla.gpu.triton") == 2 - int(hopper)

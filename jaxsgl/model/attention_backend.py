@@ -24,6 +24,10 @@ from pallas_kernels.ragged_extend import ragged_extend_attention
 
 BACKENDS = ("native", "pallas")
 EXTEND_KERNELS = ("triton", "hopper")
+# Extend steps of fewer tokens keep the Triton kernel even where the Hopper one runs: there the
+# weights' reads and matmuls dwarf attention, and each step shape with the Hopper kernel costs
+# warm-up about a second more of lowering (RESULTS.md, "Server start").
+HOPPER_MIN_TOKENS = 1024
 
 
 def default_backend(platform: str) -> str:
@@ -32,8 +36,9 @@ def default_backend(platform: str) -> str:
 
 def extend_kernel(device, dtype, head_dim: int, page_size: int) -> str:
     """The pallas backend's extend kernel: the Mosaic GPU one where it runs (Hopper GPUs,
-    16-bit pools, pages of a multiple of 8), else the Triton-lowered one. The environment
-    variable JAXSGL_EXTEND_KERNEL (triton or hopper) overrides the choice."""
+    16-bit pools, pages of a multiple of 8; for steps of at least HOPPER_MIN_TOKENS tokens),
+    else the Triton-lowered one. The environment variable JAXSGL_EXTEND_KERNEL (triton or
+    hopper) overrides the choice."""
     chosen = os.environ.get("JAXSGL_EXTEND_KERNEL")
     if chosen is not None:
         if chosen not in EXTEND_KERNELS:
@@ -120,7 +125,7 @@ def _pallas(
     args = (q, k_pool, v_pool, layer, batch.q_start, jnp.where(single, 0, batch.q_lens))
     args += (batch.seq_lens, batch.page_table)
     sizes = dict(max_q_len=batch.max_q_len, page_size=batch.page_size, scale=scale)
-    if extend == "hopper":
+    if extend == "hopper" and q.shape[0] >= HOPPER_MIN_TOKENS:
         out = ragged_extend_hopper.ragged_extend_attention_hopper(*args, **sizes)
     else:
         out = ragged_extend_attention(*args, **sizes, interpret=interpret)
