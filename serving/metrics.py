@@ -52,6 +52,18 @@ _TOTALS = {
         "jaxsgl:mixed_decode_tokens",
         "Decode tokens computed inside prefill steps (--enable-mixed-chunk)",
     ),
+    "extend_steps_total": ("jaxsgl:extend_steps", "Extend (prefill) steps run"),
+    "extend_tokens_total": ("jaxsgl:extend_tokens", "Prompt tokens computed in extend steps"),
+    "extend_seconds_total": (
+        "jaxsgl:extend_seconds",
+        "Engine seconds in extend steps, from scheduling to tokens sent",
+    ),
+    "decode_launches_total": ("jaxsgl:decode_launches", "Decode launches (of one or more steps)"),
+    "decode_steps_total": ("jaxsgl:decode_steps", "Decode steps run"),
+    "decode_seconds_total": (
+        "jaxsgl:decode_seconds",
+        "Engine seconds in decode launches, from scheduling to tokens sent",
+    ),
     "step_compiles_total": (
         "jaxsgl:step_compiles",
         "Step programs compiled after warm-up (the engine waits for each)",

@@ -30,9 +30,20 @@ def bench(capsys, server, out, *flags: str) -> tuple[dict, dict, list[dict]]:
     records = [json.loads(line) for line in out.with_suffix(".jsonl").read_text().splitlines()]
     figures = report.parse_table(printed.out)
     check_figures(figures, results, records)
-    n, seconds = (results["settings"][k] for k in ("server_step_compiles", "server_step_compile_s"))
+    settings = results["settings"]
+    n, seconds = (settings[k] for k in ("server_step_compiles", "server_step_compile_s"))
     assert "Server step compiles in the run:" in printed.out
     assert f"{n} ({seconds:.1f} s)" in printed.out
+    steps, tokens, t = (settings[f"server_extend_{k}"] for k in ("steps", "tokens", "s"))
+    extend = f"{steps} ({tokens / max(steps, 1):.0f} new tokens each, {t:.1f} s)"
+    assert "Server extend steps in the run:" in printed.out and extend in printed.out
+    launches, steps, t = (settings[f"server_decode_{k}"] for k in ("launches", "steps", "s"))
+    decode = f"{launches} ({steps / max(launches, 1):.2f} steps each, {t:.1f} s)"
+    assert "Server decode launches in the run:" in printed.out and decode in printed.out
+    # The engine's busy time fits in the run, and every step computed something.
+    busy = settings["server_extend_s"] + settings["server_decode_s"]
+    assert 0 < busy <= results["summary"]["duration_s"] + 1.0
+    assert launches <= steps and tokens >= settings["server_extend_steps"] >= 1
     return figures, results, records
 
 
@@ -127,9 +138,20 @@ def test_random_native(server, capsys, tmp_path):
     assert results["summary"]["num_devices"] == 1 == server.server_info()["tp_size"]
     # The server's pauses to compile, counted over the timed run: within what /metrics saw
     # over the whole call.
-    compiled = value(scrape(server), "jaxsgl:step_compiles_total")
+    after = scrape(server)
+    compiled = value(after, "jaxsgl:step_compiles_total")
     compiled -= value(before, "jaxsgl:step_compiles_total")
     assert 0 <= results["settings"]["server_step_compiles"] <= compiled
+    # The run's steps, from /server_info, within what /metrics counted over the whole call
+    # (which adds the warm-up requests): 6 prompts of 12 tokens, 7 decode tokens each.
+    grown = lambda name: value(after, name) - value(before, name)
+    settings = results["settings"]
+    assert 1 <= settings["server_extend_steps"] <= grown("jaxsgl:extend_steps_total")
+    assert settings["server_extend_tokens"] == 6 * 12  # flushed first: nothing cached
+    assert settings["server_extend_tokens"] <= grown("jaxsgl:extend_tokens_total")
+    assert settings["server_decode_steps"] >= 7  # at least the longest request's
+    assert settings["server_decode_steps"] <= grown("jaxsgl:decode_steps_total")
+    assert settings["server_decode_s"] <= grown("jaxsgl:decode_seconds_total") + 1e-9
 
     # The same load through /v1/completions, priced against the native run and the roofline.
     ceilings_file = tmp_path / "ceilings.json"

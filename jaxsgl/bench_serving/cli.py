@@ -205,17 +205,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.flush_cache:
             await flush_cache(http, base_url, headers)
         total = spec.num_sessions * _turns(args) if spec.num_sessions else None
-        compiles = await workload.step_compiles(http, base_url, headers)
+        before = await workload.server_counters(http, base_url, headers)
         with tqdm(total=total, desc="requests", disable=args.disable_tqdm) as progress:
             records = await Benchmark(http, target, spec, progress).run(sessions)
-        after = await workload.step_compiles(http, base_url, headers)
+        after = await workload.server_counters(http, base_url, headers)
     num_devices = args.num_devices or facts.num_devices
     baseline = report.baseline_gpu_s(args.baseline) if args.baseline else None
     settings = {k: v for k, v in vars(args).items() if not k.startswith("api_key")}
     settings.update(base_url=base_url, model=model, num_devices=num_devices)
-    if compiles is not None and after is not None:  # the server's pauses to compile a step
-        settings["server_step_compiles"] = after[0] - compiles[0]
-        settings["server_step_compile_s"] = after[1] - compiles[1]
+    if before is not None and after is not None:  # what the server's steps did in the run
+        run = {k.removesuffix("_total"): after[k] - before[k] for k in after}
+        settings["server_step_compiles"] = int(run["step_compiles"])
+        settings["server_step_compile_s"] = run["step_compile_seconds"]
+        for kind in ("extend", "decode"):
+            settings[f"server_{kind}_s"] = run[f"{kind}_seconds"]
+        settings["server_extend_steps"] = int(run["extend_steps"])
+        settings["server_extend_tokens"] = int(run["extend_tokens"])
+        settings["server_decode_launches"] = int(run["decode_launches"])
+        settings["server_decode_steps"] = int(run["decode_steps"])
     summary = summarize(records, num_devices, baseline)
     if (priced := roofline.from_flags(args)) and summary["completed"]:
         cost, ceilings = priced
@@ -248,6 +255,14 @@ def header(args: argparse.Namespace, settings: dict[str, Any]) -> dict[str, Any]
     if "server_step_compiles" in settings:
         n, seconds = settings["server_step_compiles"], settings["server_step_compile_s"]
         lines["Server step compiles in the run"] = f"{n} ({seconds:.1f} s)"
+        n, tokens = settings["server_extend_steps"], settings["server_extend_tokens"]
+        lines["Server extend steps in the run"] = (
+            f"{n} ({tokens / max(n, 1):.0f} new tokens each, {settings['server_extend_s']:.1f} s)"
+        )
+        n, steps = settings["server_decode_launches"], settings["server_decode_steps"]
+        lines["Server decode launches in the run"] = (
+            f"{n} ({steps / max(n, 1):.2f} steps each, {settings['server_decode_s']:.1f} s)"
+        )
     return lines
 
 

@@ -68,15 +68,27 @@ async def probe(http: aiohttp.ClientSession, base_url: str, headers: dict) -> Se
     )
 
 
-async def step_compiles(
+SERVER_COUNTERS = (  # jaxsgl's `/server_info` totals a run's figures take differences of
+    "step_compiles_total",
+    "step_compile_seconds_total",
+    "extend_steps_total",
+    "extend_tokens_total",
+    "extend_seconds_total",
+    "decode_launches_total",
+    "decode_steps_total",
+    "decode_seconds_total",
+)
+
+
+async def server_counters(
     http: aiohttp.ClientSession, base_url: str, headers: dict
-) -> tuple[int, float] | None:
-    """The server's count of step programs compiled after its warm-up, and their seconds
-    (jaxsgl's `/server_info`); None from a server that does not say."""
+) -> dict[str, float] | None:
+    """The server's step counters (programs compiled after warm-up, extend steps and decode
+    launches with their tokens and seconds); None from a server that does not give them all."""
     info = await fetch_json(http, base_url.rstrip("/") + "/server_info", headers=headers)
-    if not isinstance(info, dict) or "step_compiles_total" not in info:
+    if not isinstance(info, dict) or not all(k in info for k in SERVER_COUNTERS):
         return None
-    return int(info["step_compiles_total"]), float(info["step_compile_seconds_total"])
+    return {k: float(info[k]) for k in SERVER_COUNTERS}
 
 
 def needs_tokenizer(args: argparse.Namespace) -> bool:

@@ -59,8 +59,12 @@ class EngineStats:
         self.cached_tokens = 0
         self.num_aborted = 0
         self.num_extend_steps = 0
+        self.extend_tokens = 0  # prompt tokens computed in extend steps (mixed decodes apart)
         self.num_decode_steps = 0
         self.num_decode_launches = 0  # fewer than the steps with --num-continuous-decode-steps
+        # Engine-thread seconds of the steps of each kind, from taking the step to its tokens
+        # sent on: together, the time the engine was busy.
+        self.seconds = {"extend": 0.0, "decode": 0.0}
         self.num_lookahead_steps = 0  # decode steps launched before the previous one ended
         self.jump_forward_tokens = 0  # output tokens a grammar forced, appended unsampled
         self.mixed_decode_tokens = 0  # decode tokens computed in prefill steps (mixed chunk)
@@ -242,6 +246,7 @@ class Engine:
         N+1 on the host hide behind the device's work. Rows of requests that finished or left
         meanwhile are dropped when N+1 is collected.
         """
+        t0 = time.perf_counter()
         if self._inflight is not None:
             batch, pending = self._inflight
             self._inflight = None
@@ -276,6 +281,7 @@ class Engine:
                 self._finish(req)
             else:
                 emit(self, req, finished=False)
+        self.stats.seconds[launched.kind] += time.perf_counter() - t0
         return True
 
     def _prepare(self, batch: ScheduledBatch, lookahead: bool = False) -> PreparedStep:
@@ -311,6 +317,7 @@ class Engine:
             st.num_extend_steps += 1
             st.mixed_decode_tokens += batch.num_mixed
             prompts = batch.chunks[: len(batch.chunks) - batch.num_mixed]
+            st.extend_tokens += sum(len(c.tokens) for c in prompts)
             logger.info(
                 "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
                 "#mixed-decode: %d, token usage: %.2f, #running-req: %d, #queue-req: %d",
@@ -419,6 +426,12 @@ class Engine:
             "num_evicted_pages_total": kv.num_evicted_pages,
             "jump_forward_tokens_total": st.jump_forward_tokens,
             "mixed_decode_tokens_total": st.mixed_decode_tokens,
+            "extend_steps_total": st.num_extend_steps,
+            "extend_tokens_total": st.extend_tokens,
+            "extend_seconds_total": st.seconds["extend"],
+            "decode_launches_total": st.num_decode_launches,
+            "decode_steps_total": st.num_decode_steps,
+            "decode_seconds_total": st.seconds["decode"],
             "step_compiles_total": self.runner.num_runtime_compiles,
             "step_compile_seconds_total": self.runner.runtime_compile_seconds,
             **self._grammar_metrics(),
