@@ -140,41 +140,29 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: 
     ref = jnp.concatenate(
         [_dense_reference(q[s * new : (s + 1) * new], k, v, table, q_pos, s) for s in range(S)]
     )
-    rows = []
-    # The Triton kernel's sweep (2026-11-26, kernel_notes.md) found these near its best.
-    grid = [(32, 128, 8, 2, 4), (128, 128, 8, 2, 1), (32, 64, 4, 3, 4)] if sweep else []
-    for bq, bk, warps, stages, heads in grid:
-        fn = jax.jit(
-            functools.partial(
-                ragged_extend_attention,
-                max_q_len=new,
-                page_size=G,
-                scale=SCALE,
-                block_q=bq,
-                block_k=bk,
-                heads_per_program=heads,
-                num_warps=warps,
-                num_stages=stages,
-            )
+    # (config, kernel, block settings): the Triton kernel's sweep of 2026-11-26
+    # (kernel_notes.md) found these near its best, the first being the engine's default; then
+    # the Hopper kernel's.
+    triton = [(32, 128, 8, 2, 4), (128, 128, 8, 2, 1), (32, 64, 4, 3, 4)][: None if sweep else 1]
+    configs = [
+        (
+            f"bq{bq} e{e} bk{bk} w{w} s{st}",
+            ragged_extend_attention,
+            dict(block_q=bq, block_k=bk, heads_per_program=e, num_warps=w, num_stages=st),
         )
-        args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
-        config = f"bq{bq} e{heads} bk{bk} w{warps} s{stages}"
-        rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
+        for bq, bk, w, st, e in triton
+    ]
     if hopper and ragged_extend_hopper.supported(jax.devices()[0], q.dtype, H, G):
-        for bk, stages in ((128, 2), (64, 2), (64, 3), (64, 4)) if sweep else ((128, 2),):
-            fn = jax.jit(
-                functools.partial(
-                    ragged_extend_hopper.ragged_extend_attention_hopper,
-                    max_q_len=new,
-                    page_size=G,
-                    scale=SCALE,
-                    block_k=bk,
-                    stages=stages,
-                )
-            )
-            args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
-            config = f"hopper bk{bk} s{stages}"
-            rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
+        blocks = ((128, 2), (64, 2), (64, 3), (64, 4)) if sweep else ((128, 2),)
+        kernel = ragged_extend_hopper.ragged_extend_attention_hopper
+        configs += [
+            (f"hopper bk{bk} s{st}", kernel, dict(block_k=bk, stages=st)) for bk, st in blocks
+        ]
+    rows = []
+    args = (q, k, v, 0, q_start, q_lens, seq_lens, table)
+    for config, kernel, settings in configs:
+        fn = jax.jit(functools.partial(kernel, max_q_len=new, page_size=G, scale=SCALE, **settings))
+        rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
     if prefix == 0:  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
         slots = [(table[s][:, None] * G + jnp.arange(G)).reshape(-1) for s in range(S)]
         kd = jnp.stack([k[0][:, sl] for sl in slots])  # [S, K, C, H]

@@ -74,3 +74,15 @@ def check_pool(k_pool: jax.Array, v_pool: jax.Array, page_size: int, q: jax.Arra
     if num_heads % K:
         raise ValueError(f"{num_heads} query heads are not a multiple of {K} kv heads")
     return K
+
+
+def check_runs(q_start: jax.Array, q_lens: jax.Array, seq_lens: jax.Array, page_table) -> int:
+    """An extend's runs: `q_start`, `q_lens` and `seq_lens` all `[S]`, `page_table [S, P]`.
+    Returns S."""
+    S = q_start.shape[0]
+    if q_lens.shape != (S,) or seq_lens.shape != (S,) or page_table.ndim != 2:
+        raise ValueError(
+            f"q_start {q_start.shape}, q_lens {q_lens.shape}, seq_lens {seq_lens.shape} must "
+            f"all be [S] and page_table {page_table.shape} [S, P]"
+        )
+    return S

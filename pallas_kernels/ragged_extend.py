@@ -38,6 +38,7 @@ from pallas_kernels.common import (
     MASKED,
     cdiv,
     check_pool,
+    check_runs,
     dot_precision,
     is_pow2,
     online_softmax,
@@ -162,12 +163,7 @@ def ragged_extend_attention(
     """
     T, N, H = q.shape
     K = check_pool(k_pool, v_pool, page_size, q)
-    S = q_start.shape[0]
-    if q_lens.shape != (S,) or seq_lens.shape != (S,) or page_table.ndim != 2:
-        raise ValueError(
-            f"q_start {q_start.shape}, q_lens {q_lens.shape}, seq_lens {seq_lens.shape} must "
-            f"all be [S] and page_table {page_table.shape} [S, P]"
-        )
+    S = check_runs(q_start, q_lens, seq_lens, page_table)
     if max_q_len < 1:
         raise ValueError(f"max_q_len must be positive, got {max_q_len}")
     R = N // K

@@ -29,10 +29,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.common import LOG2_E, MASKED, cdiv, check_pool
+from pallas_kernels.common import LOG2_E, MASKED, cdiv, check_pool, check_runs
 from pallas_kernels.ragged_extend import work_items
 
 WARPGROUP_ROWS = 64  # rows of one wgmma: the new tokens a compute warpgroup owns
+SIXTEEN_BIT = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))  # what wgmma takes here
 
 
 def supported(device, dtype, head_dim: int, page_size: int, block_k: int = 128) -> bool:
@@ -40,7 +41,7 @@ def supported(device, dtype, head_dim: int, page_size: int, block_k: int = 128) 
     return (
         device.platform == "gpu"
         and str(getattr(device, "compute_capability", "")).startswith("9")
-        and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        and jnp.dtype(dtype) in SIXTEEN_BIT
         and head_dim % 64 == 0
         and page_size % 8 == 0
         and block_k % page_size == 0
@@ -70,13 +71,8 @@ def ragged_extend_attention_hopper(
     """
     T, N, H = q.shape
     K = check_pool(k_pool, v_pool, page_size, q)
-    S = q_start.shape[0]
-    if q_lens.shape != (S,) or seq_lens.shape != (S,) or page_table.ndim != 2:
-        raise ValueError(
-            f"q_start {q_start.shape}, q_lens {q_lens.shape}, seq_lens {seq_lens.shape} must "
-            f"all be [S] and page_table {page_table.shape} [S, P]"
-        )
-    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    check_runs(q_start, q_lens, seq_lens, page_table)
+    if jnp.dtype(q.dtype) not in SIXTEEN_BIT:
         raise ValueError(f"the Hopper extend kernel takes bf16 or f16, got {q.dtype}")
     if H % 64 or page_size % 8 or block_k % page_size or block_k % 64:
         raise ValueError(

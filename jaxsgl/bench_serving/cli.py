@@ -214,15 +214,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = {k: v for k, v in vars(args).items() if not k.startswith("api_key")}
     settings.update(base_url=base_url, model=model, num_devices=num_devices)
     if before is not None and after is not None:  # what the server's steps did in the run
-        run = {k.removesuffix("_total"): after[k] - before[k] for k in after}
-        settings["server_step_compiles"] = int(run["step_compiles"])
-        settings["server_step_compile_s"] = run["step_compile_seconds"]
-        for kind in ("extend", "decode"):
-            settings[f"server_{kind}_s"] = run[f"{kind}_seconds"]
-        settings["server_extend_steps"] = int(run["extend_steps"])
-        settings["server_extend_tokens"] = int(run["extend_tokens"])
-        settings["server_decode_launches"] = int(run["decode_launches"])
-        settings["server_decode_steps"] = int(run["decode_steps"])
+        for counter, key in workload.SERVER_COUNTERS.items():
+            grown = after[counter] - before[counter]
+            settings[key] = grown if "seconds" in counter else int(grown)
     summary = summarize(records, num_devices, baseline)
     if (priced := roofline.from_flags(args)) and summary["completed"]:
         cost, ceilings = priced

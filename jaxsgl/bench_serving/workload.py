@@ -68,16 +68,17 @@ async def probe(http: aiohttp.ClientSession, base_url: str, headers: dict) -> Se
     )
 
 
-SERVER_COUNTERS = (  # jaxsgl's `/server_info` totals a run's figures take differences of
-    "step_compiles_total",
-    "step_compile_seconds_total",
-    "extend_steps_total",
-    "extend_tokens_total",
-    "extend_seconds_total",
-    "decode_launches_total",
-    "decode_steps_total",
-    "decode_seconds_total",
-)
+# jaxsgl's `/server_info` totals, and the settings key of each one's change over a run.
+SERVER_COUNTERS = {
+    "step_compiles_total": "server_step_compiles",
+    "step_compile_seconds_total": "server_step_compile_s",
+    "extend_steps_total": "server_extend_steps",
+    "extend_tokens_total": "server_extend_tokens",
+    "extend_seconds_total": "server_extend_s",
+    "decode_launches_total": "server_decode_launches",
+    "decode_steps_total": "server_decode_steps",
+    "decode_seconds_total": "server_decode_s",
+}
 
 
 async def server_counters(

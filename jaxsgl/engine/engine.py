@@ -317,12 +317,13 @@ class Engine:
             st.num_extend_steps += 1
             st.mixed_decode_tokens += batch.num_mixed
             prompts = batch.chunks[: len(batch.chunks) - batch.num_mixed]
-            st.extend_tokens += sum(len(c.tokens) for c in prompts)
+            new_tokens = st.steps[-1][2] - batch.num_mixed  # each mixed decode row is one token
+            st.extend_tokens += new_tokens
             logger.info(
                 "Prefill batch. #new-seq: %d, #new-token: %d, #cached-token: %d, "
                 "#mixed-decode: %d, token usage: %.2f, #running-req: %d, #queue-req: %d",
                 len(prompts),
-                sum(len(c.tokens) for c in prompts),
+                new_tokens,
                 sum(c.prefix_len for c in prompts),
                 batch.num_mixed,
                 usage,
