@@ -97,7 +97,7 @@ def ragged_extend_attention_hopper(
     q_start = jnp.concatenate([q_start, end[None]])
     q_lens = jnp.concatenate([q_lens, (T - end)[None]])
     seq_lens = jnp.concatenate([seq_lens, jnp.zeros((1,), jnp.int32)])
-    item_seq, item_block = work_items(q_lens, item_rows, max(max_q_len, T), T)
+    item_seq, item_block = work_items(q_lens, item_rows, T, T)  # the padding run may be T long
     W = item_seq.shape[0]
     c = scale * LOG2_E  # scores in base 2, scaled: exp2(x · c - m) = exp(x · scale - m')
 
