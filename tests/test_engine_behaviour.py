@@ -130,6 +130,28 @@ def test_schedules_change_no_output(gen, overlap, steps):
         assert lp_a == pytest.approx(lp_b, abs=1e-4)
 
 
+def test_a_request_near_its_end_does_not_shorten_the_launch(gen):
+    """Four steps a launch: a request with fewer tokens to go finishes inside a launch, and the
+    others' launches stay four steps long. 39 decode tokens for the longer request, so 10
+    launches; the same tokens as one step a launch."""
+    prompts = ["1, 2, 3,", "Tell me about the sea."]
+    params = [
+        {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True},
+        {"temperature": 0.0, "max_new_tokens": 40, "ignore_eos": True},
+    ]
+    reference = gen.generate(prompts, params)
+    for overlap in (False, True):
+        with small_generator(
+            num_continuous_decode_steps=4, disable_overlap_schedule=not overlap
+        ) as other:
+            got = other.generate(prompts, params)
+            st = other.engine.stats
+            assert (st.num_decode_launches, st.num_decode_steps) == (10, 40), overlap
+            assert other.check_integrity() == {"running": 0, "waiting": 0}
+        assert [o["output_ids"] for o in got] == [o["output_ids"] for o in reference]
+        assert [len(o["output_ids"]) for o in got] == [6, 40]
+
+
 def test_n_copies_share_the_prompt(gen):
     prompt = _shared_prefix_prompts(gen, 1)[0]
     outs = gen.generate(
