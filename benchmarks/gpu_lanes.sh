@@ -22,7 +22,8 @@
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
-#              compare SERVER_ARGS.
+#              compare SERVER_ARGS; MT_LIMIT sets the first three's time limit, MT_TP4=0
+#              leaves TP 4 out.
 #   hopper     one card: bfloat16 greedy parity of native and both extend kernels; prefill
 #              with each extend kernel.
 #   probe      lanes: the extend kernels' ragged checks and sweep (card 0); greedy parity of
@@ -161,11 +162,14 @@ four-1() {
 }
 
 four-mt() {  # the multi-turn rows only: TP 1 with and without radix, TP 2, then TP 4
-    serve mt-tp1-noradix 0 30000 300 "--context-length 4096 --disable-radix-cache" "${MT[@]}" &
-    serve mt-tp1-radix 1 30001 300 "--context-length 4096" "${MT[@]}" &
-    serve mt-tp2-radix 2,3 30002 300 "--context-length 4096 --tp-size 2" "${MT[@]}" &
+    local limit=${MT_LIMIT:-300}  # seconds for each of the first three (start and run)
+    serve mt-tp1-noradix 0 30000 "$limit" "--context-length 4096 --disable-radix-cache" "${MT[@]}" &
+    serve mt-tp1-radix 1 30001 "$limit" "--context-length 4096" "${MT[@]}" &
+    serve mt-tp2-radix 2,3 30002 "$limit" "--context-length 4096 --tp-size 2" "${MT[@]}" &
     wait
-    serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
+    if [ "${MT_TP4:-1}" != 0 ]; then  # MT_TP4=0: the three rows above only
+        serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
+    fi
     python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
 }
 
