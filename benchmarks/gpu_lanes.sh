@@ -16,6 +16,9 @@
 #   serving-2  the multi-turn scenario at TP 2 and at DP 2 with the radix cache, greedy parity
 #              of TP 1 and TP 2, and the table of every serving run against TP 1 without the
 #              radix cache.
+#   two-mt1    the multi-turn scenario at TP 1 without and with the radix cache, side by side.
+#   two-mt2    the same at TP 2 with the radix cache, and the table against two-mt1's rows
+#              (same OUT).
 # Four cards (one host), every row of the deployment table on one machine:
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
@@ -173,6 +176,18 @@ four-mt() {  # the multi-turn rows only: TP 1 with and without radix, TP 2, then
     python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
 }
 
+two-mt1() {  # two cards: the TP 1 multi-turn rows side by side (two-mt2 then runs TP 2)
+    local limit=${MT_LIMIT:-300}
+    serve mt-tp1-noradix 0 30000 "$limit" "--context-length 4096 --disable-radix-cache" "${MT[@]}" &
+    serve mt-tp1-radix 1 30001 "$limit" "--context-length 4096" "${MT[@]}" &
+    wait
+}
+
+two-mt2() {
+    serve mt-tp2-radix 0,1 30002 "${MT_LIMIT:-300}" "--context-length 4096 --tp-size 2" "${MT[@]}"
+    python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
+}
+
 four-2() {
     serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
     run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
@@ -224,4 +239,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
