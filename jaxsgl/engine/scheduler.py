@@ -130,8 +130,11 @@ class Scheduler:
         return decoding
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
-        limits = {id(r): self._match_limit(r) for r in self.waiting}
-        matches = {id(r): self.kv.match(r, limits[id(r)]) for r in self.waiting}
+        # Cache-aware orders need every waiting request's match; fcfs matches only the ones it
+        # reaches (a queue of hundreds of long prompts costs milliseconds to match each step).
+        matches = {}
+        if self.options.schedule_policy != "fcfs":
+            matches = {id(r): self.kv.match(r, self._match_limit(r)) for r in self.waiting}
         reserved = self._decode_reservation()
         started: set[tuple] = set()
         per_namespace = Counter(r.namespace for r in self.running)
@@ -141,9 +144,9 @@ class Scheduler:
             cap = self.namespace_limits.get(req.namespace)
             if cap is not None and per_namespace[req.namespace] >= cap:
                 continue  # its namespace is at its limit; other namespaces may still start
-            match = matches[id(req)]
-            if match.node.removed:  # evicted by an admission earlier in this loop
-                match = self.kv.match(req, limits[id(req)])
+            match = matches.get(id(req))
+            if match is None or match.node.removed:  # not matched yet, or evicted since
+                match = self.kv.match(req, self._match_limit(req))
             # A prefix another request of this step is computing: wait one step, then hit it.
             first_page = req.tokens[match.num_tokens : match.num_tokens + self.kv.page_size]
             key = (req.namespace, id(match.node), tuple(first_page))
