@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from jaxsgl.ceilings import Ceilings
 from jaxsgl.engine.model_runner import ModelRunner
+from jaxsgl.engine.options import KV_CACHE_DTYPES
 from jaxsgl.model.forward_batch import SeqChunk
 from jaxsgl.model.loader import load_model
 from jaxsgl.model_cost import ModelCost
@@ -117,6 +118,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--output-len", type=int, nargs="+", default=[16])
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--attention-backend", default=None, choices=["native", "pallas"])
+    p.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     p.add_argument(
         "--layers",
         choices=["scan", "unrolled"],
@@ -144,11 +146,14 @@ def main(argv=None) -> list[dict]:
         G,
         loaded.config.vocab_size,
         attention_backend=args.attention_backend,
+        kv_cache_dtype=args.kv_cache_dtype,
         unroll_layers=args.layers == "unrolled",
         # The server's extend programs (context-wide page tables with the Pallas kernels).
         max_context=max(i + o for _, i, o in cases),
     )
-    cost = ModelCost.from_config(loaded.config, jnp.dtype(loaded.dtype).name)
+    cost = ModelCost.from_config(
+        loaded.config, jnp.dtype(loaded.dtype).name, jnp.dtype(runner.kv_dtype).name
+    )
     rng = np.random.default_rng(0)
     results = []
     # Weights and KV split over the mesh: its devices' bandwidth and FLOPs add up.
@@ -159,6 +164,7 @@ def main(argv=None) -> list[dict]:
             model=args.model_path,
             tp_size=args.tp_size,
             attention_backend=loaded.model.attention.name,
+            kv_cache_dtype=args.kv_cache_dtype,
             unroll_layers=loaded.model.unroll_layers,
             device=ceil.device,
             copy_tb_s=ceil.copy_bytes_per_s / 1e12,

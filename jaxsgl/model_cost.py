@@ -11,8 +11,10 @@ import dataclasses
 
 from jaxsgl.config import ModelConfig
 
-# Bytes per element of the weight dtypes a model loads in (the names `--dtype` takes).
+# Bytes per element of the weight dtypes a model loads in (the names `--dtype` takes), and of
+# the 8-bit KV cache types.
 ITEMSIZE = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
+KV_ITEMSIZE = {"float8_e5m2": 1, "float8_e4m3fn": 1}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,10 +29,17 @@ class ModelCost:
     attn_flops_per_key: int  # QKᵀ and PV over all layers, per (query, key) pair
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, dtype: str = "bfloat16") -> ModelCost:
-        """The cost of `cfg` with weights and KV cache in `dtype` (a name such as "bfloat16")."""
+    def from_config(
+        cls, cfg: ModelConfig, dtype: str = "bfloat16", kv_dtype: str | None = None
+    ) -> ModelCost:
+        """The cost of `cfg` with weights in `dtype` (a name such as "bfloat16") and the KV
+        cache in `kv_dtype` (default: `dtype`; also "float8_e5m2" or "float8_e4m3fn")."""
         if dtype not in ITEMSIZE:
             raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(ITEMSIZE)}")
+        kv_sizes = {**ITEMSIZE, **KV_ITEMSIZE}
+        kv_dtype = dtype if kv_dtype is None else kv_dtype
+        if kv_dtype not in kv_sizes:
+            raise ValueError(f"unknown KV dtype {kv_dtype!r}; choose one of {', '.join(kv_sizes)}")
         itemsize = ITEMSIZE[dtype]
         params = cfg.num_params
         embed = cfg.vocab_size * cfg.hidden_size
@@ -42,7 +51,7 @@ class ModelCost:
             step_weight_bytes=matmul * itemsize,
             matmul_params=matmul,
             head_params=embed,
-            kv_bytes_per_token=2 * L * K * H * itemsize,
+            kv_bytes_per_token=2 * L * K * H * kv_sizes[kv_dtype],
             attn_flops_per_key=4 * L * N * H,
         )
 

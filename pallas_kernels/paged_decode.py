@@ -69,8 +69,8 @@ def _decode_kernel(
         pages = page_table_ref[start // G + i // G]  # [BK]
         slots = pages * G + i % G  # [BK]
         visible = start + i < seq_len  # [BK]
-        k = k_ref[layer, h, slots, :]  # [BK, H]
-        v = v_ref[layer, h, slots, :]  # [BK, H]
+        k = k_ref[layer, h, slots, :].astype(q.dtype)  # [BK, H]; an 8-bit pool widened
+        v = v_ref[layer, h, slots, :].astype(q.dtype)  # [BK, H]
         # Masked keys may sit in stale or scratch slots: zero their values so 0 · v is 0.
         v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
         s = jnp.where(visible[None, :], scores(q, k, precision) * scale, MASKED)  # [Rp, BK]

@@ -100,8 +100,8 @@ def _extend_kernel(
         def body(b, carry, masked: bool):  # carry: running max [M], sum [M], output [M, H]
             key_pos = b * block_k + j  # [BK]
             slots = page_table_ref[s, key_pos // G] * G + key_pos % G  # [BK]
-            k = k_ref[layer, kv_head, slots, :]  # [BK, H]
-            v = v_ref[layer, kv_head, slots, :]
+            k = k_ref[layer, kv_head, slots, :].astype(q.dtype)  # [BK, H]; an 8-bit pool widened
+            v = v_ref[layer, kv_head, slots, :].astype(q.dtype)
             x = scores(q, k, precision)  # [M, BK]
             if masked:
                 # Keys past the context may be stale or scratch slots: zero them so 0 · v is 0.

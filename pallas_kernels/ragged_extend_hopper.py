@@ -72,8 +72,11 @@ def ragged_extend_attention_hopper(
     T, N, H = q.shape
     K = check_pool(k_pool, v_pool, page_size, q)
     check_runs(q_start, q_lens, seq_lens, page_table)
-    if jnp.dtype(q.dtype) not in SIXTEEN_BIT:
-        raise ValueError(f"the Hopper extend kernel takes bf16 or f16, got {q.dtype}")
+    if jnp.dtype(q.dtype) not in SIXTEEN_BIT or k_pool.dtype != q.dtype:
+        raise ValueError(
+            f"the Hopper extend kernel takes bf16 or f16 queries and a pool of the same type, "
+            f"got {q.dtype} and {k_pool.dtype}"
+        )
     if H % 64 or page_size % 8 or block_k % page_size or block_k % 64:
         raise ValueError(
             f"head dim {H} must be a multiple of 64, page size {page_size} of 8, and "

@@ -2,6 +2,7 @@
 
 import time
 
+import jax.numpy as jnp
 import pytest
 from engine_helpers import decode_during_prefill, small_generator
 
@@ -150,6 +151,23 @@ def test_a_request_near_its_end_does_not_shorten_the_launch(gen):
             assert other.check_integrity() == {"running": 0, "waiting": 0}
         assert [o["output_ids"] for o in got] == [o["output_ids"] for o in reference]
         assert [len(o["output_ids"]) for o in got] == [6, 40]
+
+
+def test_an_8_bit_kv_cache_keeps_greedy_outputs(gen):
+    """`kv_cache_dtype="fp8_e4m3"`: the pool holds one byte an element, and SmolLM2's greedy
+    answers keep the float32 pool's tokens (first-token logprobs within 0.1)."""
+    prompts = ["1, 2, 3, 4,", "The capital of France is"]
+    params = {"temperature": 0.0, "max_new_tokens": 12, "ignore_eos": True}
+    reference = gen.generate(prompts, params, return_logprob=True)
+    with small_generator(kv_cache_dtype="fp8_e4m3") as other:
+        pool = other.engine.runner.kv.k
+        assert pool.dtype == jnp.float8_e4m3fn and pool.dtype.itemsize == 1
+        got = other.generate(prompts, params, return_logprob=True)
+        assert other.check_integrity() == {"running": 0, "waiting": 0}
+    for a, b in zip(reference, got, strict=True):
+        assert a["output_ids"] == b["output_ids"]
+        first = [o["meta_info"]["output_token_logprobs"][0][0] for o in (a, b)]
+        assert first[0] == pytest.approx(first[1], abs=0.1)
 
 
 def test_n_copies_share_the_prompt(gen):

@@ -40,6 +40,7 @@ def test_supported_needs_a_hopper_gpu_16_bit_pools_and_whole_tiles():
     assert not ragged_extend_hopper.supported(AMPERE, jnp.bfloat16, 128, 16)
     assert not ragged_extend_hopper.supported(jax.devices("cpu")[0], jnp.bfloat16, 128, 16)
     assert not ragged_extend_hopper.supported(HOPPER, jnp.float32, 128, 16)
+    assert not ragged_extend_hopper.supported(HOPPER, jnp.float8_e5m2, 128, 16)  # an 8-bit pool
     assert not ragged_extend_hopper.supported(HOPPER, jnp.bfloat16, 96, 16)  # head dim
     assert not ragged_extend_hopper.supported(HOPPER, jnp.bfloat16, 128, 4)  # 8-row tiles
     assert not ragged_extend_hopper.supported(HOPPER, jnp.bfloat16, 128, 256)  # > block_k
@@ -68,6 +69,9 @@ def test_rejects_what_it_cannot_run():
     args = (k, k, 0, ones, ones, ones, table)
     with pytest.raises(ValueError, match="bf16 or f16"):
         ragged_extend_attention_hopper(q.astype(jnp.float32), *args, **kw)
+    with pytest.raises(ValueError, match="float8_e5m2"):
+        k8 = k.astype(jnp.float8_e5m2)
+        ragged_extend_attention_hopper(q, k8, k8, *args[2:], **kw)
     with pytest.raises(ValueError, match="page size"):
         ragged_extend_attention_hopper(q, *args, **{**kw, "page_size": 4})
     with pytest.raises(ValueError, match="block_k"):

@@ -1,10 +1,13 @@
-"""ModelCost from a config alone, against the parameters of the model jaxsgl actually builds."""
+"""ModelCost from a config alone, against the parameters of the model jaxsgl actually builds;
+the KV cache's element types."""
 
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxsgl.config import PRESETS, config_for
+from jaxsgl.engine.options import EngineOptions
+from jaxsgl.model.forward_batch import kv_dtype
 from jaxsgl.model.loader import abstract_model, write_config
 from jaxsgl.model_cost import ModelCost
 from jaxsgl.sharding import make_mesh
@@ -34,6 +37,20 @@ def test_llama_3_8b_by_hand():
     assert cost.matmul_params == 8_030_261_248 - 128_256 * 4096  # untied: the gather is free
     f32 = ModelCost.from_config(PRESETS["llama-3-8b"], "float32")
     assert f32.weight_bytes == 2 * cost.weight_bytes and f32.matmul_params == cost.matmul_params
+    fp8 = ModelCost.from_config(PRESETS["llama-3-8b"], "bfloat16", "float8_e5m2")
+    assert fp8.kv_bytes_per_token == 65_536 and fp8.weight_bytes == cost.weight_bytes
+    with pytest.raises(ValueError, match="unknown KV dtype 'int4'"):
+        ModelCost.from_config(PRESETS["llama-3-8b"], "bfloat16", "int4")
+
+
+def test_kv_cache_dtype_names():
+    assert kv_dtype("auto", jnp.bfloat16) == jnp.bfloat16
+    assert kv_dtype("fp8_e5m2", jnp.float32) == jnp.float8_e5m2
+    assert kv_dtype("fp8_e4m3", jnp.bfloat16) == jnp.float8_e4m3fn
+    with pytest.raises(ValueError, match="'int8' is not auto or one of fp8_e5m2, fp8_e4m3"):
+        kv_dtype("int8", jnp.bfloat16)
+    with pytest.raises(ValueError, match="kv_cache_dtype 'fp8' is not one of"):
+        EngineOptions(kv_cache_dtype="fp8")
 
 
 def test_tied_head_counts_as_a_matmul():

@@ -111,6 +111,37 @@ def test_extend_matches_reference(page_size, ratio, dtype):
     assert not np.asarray(out[T - 5 :], np.float32).any()  # padding rows stay zero
 
 
+@pytest.mark.parametrize("pool_dtype", [jnp.float8_e5m2, jnp.float8_e4m3fn])
+def test_kernels_read_8_bit_pools(pool_dtype):
+    """`--kv-cache-dtype fp8_*`: bfloat16 queries over an 8-bit pool. Each kernel widens the
+    pool's values (exactly: both 8-bit types fit in bfloat16) and must match its reference,
+    which reads the same 8-bit values in float32."""
+    rng = np.random.default_rng()
+    G, (N, K) = 16, _heads(4)
+    seq_lens = [int(rng.integers(1, 200)), 0, int(rng.integers(64, 300))]
+    num_pages = 2 + sum(-(-n // G) for n in seq_lens)
+    k, v = (x.astype(pool_dtype) for x in _pool(rng, num_pages * G, K, jnp.float32))
+    table = _page_tables(rng, seq_lens, G, num_pages)
+    q = jnp.asarray(rng.standard_normal((len(seq_lens), N, H)), jnp.bfloat16)
+    args = (q, k, v, 1, table, jnp.asarray(seq_lens, jnp.int32))
+    ref = paged_decode_attention_reference(*args, page_size=G, scale=H**-0.5)
+    out = paged_decode_attention(*args, page_size=G, scale=H**-0.5, interpret=True)
+    assert out.dtype == jnp.bfloat16 and _relative_error(out, ref) < 1e-2
+
+    q_lens = np.array([int(rng.integers(20, 40)), 3, 1])
+    prefix = np.array([0, int(rng.integers(70, 150)), 45])
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
+    lens = q_lens + prefix
+    table = _page_tables(rng, lens.tolist(), G, num_pages)
+    q = jnp.asarray(rng.standard_normal((int(q_lens.sum()), N, H)), jnp.bfloat16)
+    args = (q, k, v, 0, *(jnp.asarray(a, jnp.int32) for a in (q_start, q_lens, lens)), table)
+    ref = ragged_extend_attention_reference(*args, page_size=G, scale=H**-0.5)
+    out = ragged_extend_attention(
+        *args, max_q_len=64, page_size=G, scale=H**-0.5, block_q=16, block_k=32, interpret=True
+    )
+    assert out.dtype == jnp.bfloat16 and _relative_error(out, ref) < 1e-2
+
+
 @pytest.mark.parametrize("block_q", [16, 32])
 def test_work_items_cover_every_query_block_once_longest_first(block_q):
     rng = np.random.default_rng()

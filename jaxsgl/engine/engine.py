@@ -129,6 +129,7 @@ class Engine:
             attention_backend=options.attention_backend,
             followers=self.followers,
             max_context=self.context_length,
+            kv_cache_dtype=options.kv_cache_dtype,
         )
         self.scheduler = Scheduler(options, num_pages, self.context_length)
         if options.warmup:

@@ -35,6 +35,7 @@ def run_follower(options: EngineOptions, progress: bool = True) -> int:
         options.page_size,
         loaded.config.vocab_size,
         attention_backend=options.attention_backend,
+        kv_cache_dtype=options.kv_cache_dtype,
     )
     logger.info("following the leader: %d KV pages", num_pages)
     launches = follow(runner, conn)

@@ -34,6 +34,7 @@ from jaxsgl.model.forward_batch import (
     advance_decode,
     bucket,
     fit_shape,
+    kv_dtype,
     kv_pool_sharding,
     make_kv_pool,
     pack_chunks,
@@ -129,6 +130,7 @@ class ModelRunner:
         unroll_layers: bool = False,
         followers: Followers | None = None,
         max_context: int | None = None,
+        kv_cache_dtype: str = "auto",
     ):
         """`followers`: processes on other hosts that launch every step this runner launches
         (this one is the leader of a multi-host mesh; see `jaxsgl.distributed`).
@@ -140,7 +142,8 @@ class ModelRunner:
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
         device_cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
-        self.kv = make_kv_pool(device_cfg, num_pages, page_size, loaded.dtype, loaded.mesh)
+        self.kv_dtype = kv_dtype(kv_cache_dtype, loaded.dtype)
+        self.kv = make_kv_pool(device_cfg, num_pages, page_size, self.kv_dtype, loaded.mesh)
         self.kv_sharding = kv_pool_sharding(device_cfg, loaded.mesh)
         device = loaded.mesh.devices.flat[0]
         head_dim = loaded.config.head_dim
@@ -149,7 +152,7 @@ class ModelRunner:
             mesh=loaded.mesh,
             heads_sharded=self.kv_sharding.spec[1] is not None,
             interpret=device.platform != "gpu",  # Pallas kernels run interpreted off GPUs
-            extend=extend_kernel(device, loaded.dtype, head_dim, page_size),
+            extend=extend_kernel(device, self.kv_dtype, head_dim, page_size),
         )
         # Unrolled layers read weights in place but compile far slower: opt-in.
         loaded.model.unroll_layers = unroll_layers

@@ -6,7 +6,7 @@ import logging
 
 from jaxsgl.config import ModelConfig
 from jaxsgl.engine.options import EngineOptions
-from jaxsgl.model.forward_batch import kv_pool_bytes
+from jaxsgl.model.forward_batch import kv_dtype, kv_pool_bytes
 from jaxsgl.model.loader import LoadedModel
 from jaxsgl.sharding import num_devices, sharded_config, tensor_size
 
@@ -45,7 +45,7 @@ def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | No
     cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
     # The pool splits over kv heads across the tensor axis (when they divide it).
     shards = tensor_size(loaded.mesh) if cfg.num_kv_heads % tensor_size(loaded.mesh) == 0 else 1
-    per_token = kv_pool_bytes(cfg, 1, 1, loaded.dtype) / shards
+    per_token = kv_pool_bytes(cfg, 1, 1, kv_dtype(options.kv_cache_dtype, loaded.dtype)) / shards
     tokens = int(budget // per_token)
     logger.info(
         "KV pool: %.1f GiB per device -> %d tokens (%d devices)",

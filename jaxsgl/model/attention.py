@@ -40,6 +40,8 @@ def write_kv(pool: jax.Array, layer: jax.Array, new: jax.Array, slots: jax.Array
     """Store `new [T, K, H]` at `slots [T]` of layer `layer` of the pool `[L, K, slots, H]`.
     Only the T rows are written: with the pool donated this is an in-place scatter."""
     # pool[layer, :, slots] indexes as [T, K, H]: the advanced indices' dimension comes first.
+    if pool.dtype == jnp.float8_e4m3fn:  # no infinity: past its largest value a cast is NaN
+        new = jnp.clip(new, -448.0, 448.0)
     return pool.at[layer, :, slots].set(new.astype(pool.dtype))
 
 
@@ -84,8 +86,9 @@ def paged_attention(
     def step(j, carry):
         m, l, acc = carry  # running max and sum [K·S, R·Q], output [K·S, R·Q, H]
         pages = jax.lax.dynamic_slice_in_dim(page_table, j * n, n, axis=1)  # [S, n]
-        k_ctx = _read_pages(k_pool, layer, pages, G)  # [K·S, c, H]
-        v_ctx = _read_pages(v_pool, layer, pages, G)
+        # An 8-bit pool's values are widened to the queries' type for the matmuls.
+        k_ctx = _read_pages(k_pool, layer, pages, G).astype(q.dtype)  # [K·S, c, H]
+        v_ctx = _read_pages(v_pool, layer, pages, G).astype(q.dtype)
         # The context as the left operand: with few query rows (R·Q = 3 in a SmolLM2 decode)
         # XLA:CPU's matmul streams it once against them, ~1.7x faster than q·kᵀ (which is
         # ~1.4x faster at prefill, where this matmul is a small part of the step).

@@ -85,6 +85,20 @@ def kv_pool_sharding(cfg: ModelConfig, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(None, heads, None, None))
 
 
+_KV_DTYPES = {"fp8_e5m2": jnp.float8_e5m2, "fp8_e4m3": jnp.float8_e4m3fn}
+
+
+def kv_dtype(kv_cache_dtype: str, model_dtype):
+    """The pool's element type for `--kv-cache-dtype`: the model's for "auto", else an 8-bit
+    float (values stored as they are, no scale)."""
+    if kv_cache_dtype == "auto":
+        return jnp.dtype(model_dtype)
+    if kv_cache_dtype not in _KV_DTYPES:
+        names = ", ".join(_KV_DTYPES)
+        raise ValueError(f"kv_cache_dtype {kv_cache_dtype!r} is not auto or one of {names}")
+    return jnp.dtype(_KV_DTYPES[kv_cache_dtype])
+
+
 def make_kv_pool(cfg: ModelConfig, num_pages: int, page_size: int, dtype, mesh: Mesh) -> KVPool:
     """A zeroed pool for the device model config `cfg` (kv heads already replicated)."""
     shape = (cfg.num_layers, cfg.num_kv_heads, num_pages * page_size, cfg.head_dim)
