@@ -19,6 +19,7 @@
 #   two-mt1    the multi-turn scenario at TP 1 without and with the radix cache, side by side.
 #   two-mt2    the same at TP 2 with the radix cache, and the table against two-mt1's rows
 #              (same OUT).
+#   kv8        bench_one_batch with the model's KV type and with --kv-cache-dtype fp8_e4m3.
 # Four cards (one host), every row of the deployment table on one machine:
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
@@ -188,6 +189,16 @@ two-mt2() {
     python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
 }
 
+kv8() {  # two cards side by side: bench_one_batch with the model's KV type (card 0), 8-bit (1)
+    local args=(--batch-size 1 128 --input-len 2048 --output-len 16 --num-continuous-decode-steps 8)
+    run one_batch_kv16 150 0 python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${args[@]}" \
+        --result-file "$OUT/one_batch_kv.jsonl" &
+    run one_batch_kv8 150 1 python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${args[@]}" \
+        --kv-cache-dtype fp8_e4m3 --result-file "$OUT/one_batch_kv8.jsonl" &
+    wait
+    tail -n 4 "$OUT/one_batch_kv16.log" "$OUT/one_batch_kv8.log"
+}
+
 four-2() {
     serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
     run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
@@ -239,4 +250,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, kv8, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
