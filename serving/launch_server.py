@@ -70,7 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the KV cache's element type: the model's (auto) or 8-bit floats, stored "
         "unscaled (twice the tokens in the same memory, half the reads of a decode step)",
     )
-    a("--chunked-prefill-size", type=int, default=d.chunked_prefill_size)
+    a(
+        "--chunked-prefill-size",
+        type=int,
+        default=d.chunked_prefill_size,
+        help="most new tokens an extend step takes (-1: no chunking); default by the device: "
+        "2048 on CPUs and GPUs under 32 GiB, 4096 under 64 GiB, 8192 above",
+    )
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     a("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)
     a("--schedule-conservativeness", type=float, default=d.schedule_conservativeness)

@@ -153,6 +153,12 @@ def test_a_request_near_its_end_does_not_shorten_the_launch(gen):
         assert [len(o["output_ids"]) for o in got] == [6, 40]
 
 
+def test_the_extend_step_size_left_unset_is_the_devices_default(gen):
+    assert gen.options.chunked_prefill_size is None
+    assert gen.engine.options.chunked_prefill_size == 2048  # the CPU's
+    assert gen.engine.scheduler.options.chunk_tokens == 2048
+
+
 def test_an_8_bit_kv_cache_keeps_greedy_outputs(gen):
     """`kv_cache_dtype="fp8_e4m3"`: the pool holds one byte an element, and SmolLM2's greedy
     answers keep the float32 pool's tokens (first-token logprobs within 0.1)."""

@@ -1,5 +1,5 @@
 """ModelCost from a config alone, against the parameters of the model jaxsgl actually builds;
-the KV cache's element types."""
+the KV cache's element types and the device's default extend step size."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +7,7 @@ import pytest
 
 from jaxsgl.config import PRESETS, config_for
 from jaxsgl.engine.options import EngineOptions
+from jaxsgl.engine.sizing import chunked_prefill_default
 from jaxsgl.model.forward_batch import kv_dtype
 from jaxsgl.model.loader import abstract_model, write_config
 from jaxsgl.model_cost import ModelCost
@@ -67,3 +68,16 @@ def test_config_for_reads_presets_and_folders(tmp_path):
         config_for(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         ModelCost.from_config(PRESETS["smollm2-135m"], "int4")
+
+
+def test_chunked_prefill_default_follows_the_device():
+    gib = 2**30
+    assert chunked_prefill_default("cpu", None) == 2048
+    assert chunked_prefill_default("gpu", None) == 2048  # no memory figure: the small default
+    assert chunked_prefill_default("gpu", 24 * gib) == 2048
+    assert chunked_prefill_default("gpu", 40 * gib) == 4096
+    assert chunked_prefill_default("gpu", 80 * gib) == 8192  # H100
+    assert chunked_prefill_default("gpu", 141 * gib) == 8192  # H200
+    assert EngineOptions().chunk_tokens == 2048  # unresolved options: the small default
+    assert EngineOptions(chunked_prefill_size=8192).chunk_tokens == 8192
+    assert EngineOptions(chunked_prefill_size=-1, max_prefill_tokens=4096).chunk_tokens == 4096

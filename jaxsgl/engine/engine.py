@@ -38,7 +38,7 @@ from jaxsgl.engine.output import OutputState
 from jaxsgl.engine.postprocess import emit, record_step
 from jaxsgl.engine.request import Request, Status
 from jaxsgl.engine.scheduler import ScheduledBatch, Scheduler
-from jaxsgl.engine.sizing import context_length_for, kv_pages_for
+from jaxsgl.engine.sizing import chunked_prefill_size_for, context_length_for, kv_pages_for
 from jaxsgl.model.loader import load_model, resolve_model_path
 from jaxsgl.sampler import RowState
 from jaxsgl.sharding import make_mesh
@@ -114,6 +114,8 @@ class Engine:
                 self.loaded.path or resolve_model_path(options.model_path)
             )
         self.eos_ids = self.tokenizer.eos_token_ids if self.tokenizer else cfg.eos_token_ids
+        chunk = chunked_prefill_size_for(options, self.loaded)
+        self.options = options = dataclasses.replace(options, chunked_prefill_size=chunk)
         self.context_length = context_length_for(options, cfg)
         num_pages = kv_pages_for(options, self.loaded, self.context_length)
         self.followers = None

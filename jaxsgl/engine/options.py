@@ -8,6 +8,7 @@ from typing import Any
 SCHEDULE_POLICIES = ("fcfs", "lpm", "dfs-weight")
 GRAMMAR_BACKENDS = ("llguidance", "none")
 LOAD_BALANCE_METHODS = ("cache_aware", "round_robin", "shortest_queue")
+DEFAULT_CHUNKED_PREFILL_SIZE = 2048  # CPUs and small GPUs (see sizing.chunked_prefill_size_for)
 # The KV pool's element type: the model's (auto), or 8-bit floats (half the bytes of a
 # 16-bit pool: twice the tokens in the same memory, half the reads of a decode step).
 KV_CACHE_DTYPES = ("auto", "fp8_e5m2", "fp8_e4m3")
@@ -30,7 +31,9 @@ class EngineOptions:
     max_total_tokens: int | None = None  # KV pool size in tokens; None: from memory
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_running_requests: int = 64
-    chunked_prefill_size: int = 2048  # -1 disables chunking
+    # Most new tokens an extend step takes; -1 disables chunking; None: by the device
+    # (`sizing.chunked_prefill_size_for`: 2048 on CPUs, up to 8192 on large GPUs).
+    chunked_prefill_size: int | None = None
     max_prefill_tokens: int = 16384  # tokens of one extend step across requests
     schedule_policy: str = "fcfs"
     schedule_conservativeness: float = 1.0  # > 1 reserves more memory for running decodes
@@ -88,7 +91,8 @@ class EngineOptions:
             )
         if self.page_size & (self.page_size - 1):
             raise ValueError(f"page_size must be a power of two, got {self.page_size}")
-        if self.chunked_prefill_size != -1 and self.chunked_prefill_size < self.page_size:
+        chunk = self.chunked_prefill_size
+        if chunk is not None and chunk != -1 and chunk < self.page_size:
             raise ValueError(
                 f"chunked_prefill_size {self.chunked_prefill_size} is below the page size"
             )
@@ -117,9 +121,7 @@ class EngineOptions:
     @property
     def chunk_tokens(self) -> int:
         """Most new tokens one extend step takes (chunking and the prefill cap together)."""
-        chunk = (
-            self.max_prefill_tokens
-            if self.chunked_prefill_size == -1
-            else min(self.chunked_prefill_size, self.max_prefill_tokens)
-        )
+        size = self.chunked_prefill_size
+        size = DEFAULT_CHUNKED_PREFILL_SIZE if size is None else size
+        chunk = self.max_prefill_tokens if size == -1 else min(size, self.max_prefill_tokens)
         return max(chunk, self.page_size)

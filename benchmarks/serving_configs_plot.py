@@ -1,0 +1,73 @@
+"""The multi-turn serving rows under several server configurations, as one picture: for each
+configuration (a folder of bench_serving results from `gpu_lanes.sh two-mt1` and `two-mt2`),
+each run's throughput and cost per request as ratios to that folder's TP 1 run without the
+radix cache, with the deployment table's goals drawn across.
+
+    python benchmarks/serving_configs_plot.py --out benchmarks/serving_configs_h200x2.png \\
+        "bf16, 2048 a prefill step=benchmarks/results/h200x2-2026-11-27-d" ...
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from serving_table import table_rows
+
+RUNS = (
+    ("mt-tp1-radix", "TP 1 + radix"),
+    ("mt-tp2-radix", "TP 2 + radix"),
+)
+# (panel, row key, goals as (value, label)) — the ratio goals of the deployment table.
+PANELS = (
+    ("throughput × TP 1 without radix", "x_throughput", ((3.0, "radix goal, one GPU"),)),
+    ("cost per request × TP 1 without radix", "x_cost", ((0.58, "cost goal"),)),
+    ("P99 E2E latency × TP 1 without radix", "x_p99", ((0.5, "P99 goal"),)),
+)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("configs", nargs="+", help="LABEL=FOLDER, one a configuration")
+    p.add_argument("--out", required=True, help="the PNG to write")
+    args = p.parse_args(argv)
+    configs = []
+    for item in args.configs:
+        label, sep, folder = item.partition("=")
+        if not sep:
+            raise SystemExit(f"{item!r} is not LABEL=FOLDER")
+        base = Path(folder) / "mt-tp1-noradix.json"
+        paths = [str(Path(folder) / f"{name}.json") for name, _ in RUNS]
+        found = table_rows(paths, str(base))
+        rows = {name: row for (name, _), row in zip(RUNS, found, strict=True)}
+        configs.append((label, rows))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.8))
+    x = np.arange(len(RUNS))
+    width = 0.8 / len(configs)
+    for ax, (title, key, goals) in zip(axes, PANELS, strict=True):
+        for i, (label, rows) in enumerate(configs):
+            values = [rows[name][key] for name, _ in RUNS]
+            bars = ax.bar(x + i * width, values, width, label=label)
+            ax.bar_label(bars, fmt="%.2f", fontsize="small")
+        for value, text in goals:
+            ax.axhline(value, color="k", linestyle="--", linewidth=1)
+            ax.annotate(text, (x[0] - 0.1, value), ha="left", va="bottom", fontsize="small")
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_xticks(x + width * (len(configs) - 1) / 2, [name for _, name in RUNS])
+        ax.set_title(title, fontsize="medium")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    fig.savefig(args.out, dpi=100)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
