@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from jaxsgl.engine.options import EngineOptions
 from jaxsgl.engine.request import Request, Status
-from jaxsgl.engine.scheduler import ScheduledBatch, Scheduler
+from jaxsgl.engine.scheduler import CACHE_AWARE_MAX_WAITING, ScheduledBatch, Scheduler
 from jaxsgl.sampling_params import SamplingParams
 
 VOCAB = 8  # small, so generated continuations also share prefixes
@@ -471,6 +471,25 @@ def test_lpm_prefers_the_longest_cached_prefix_and_fcfs_the_arrival(policy, expe
     batch = sim.step()
     assert batch.kind == "extend" and [names[id(r)] for r in batch.reqs] == expected
     assert [reqs[k].num_cached_tokens for k in "abc"] == [0, 8, 16]
+    sim.run()
+    sim.check_done()
+
+
+@pytest.mark.parametrize("waiting", [2, CACHE_AWARE_MAX_WAITING, CACHE_AWARE_MAX_WAITING + 1])
+def test_lpm_over_a_long_queue_admits_in_arrival_order(waiting):
+    """A queue longer than CACHE_AWARE_MAX_WAITING is taken fcfs (matching every waiting prompt
+    each step costs too much there); at the limit lpm still orders it."""
+    sim = Sim(4096, page_size=4, schedule_policy="lpm", chunked_prefill_size=40)
+    hot = list(range(100, 116))
+    _cache(sim, hot + [1])
+    cold = sim.add(list(range(200, 220)), 2)
+    hit = sim.add(hot + list(range(400, 404)), 2)
+    for i in range(waiting - 2):
+        sim.add([500 + i % 7, 600 + i, 1], 2)
+    assert len(sim.scheduler.waiting) == waiting
+    batch = sim.step()
+    first = cold if waiting > CACHE_AWARE_MAX_WAITING else hit
+    assert batch.kind == "extend" and batch.reqs[0] is first
     sim.run()
     sim.check_done()
 

@@ -4,6 +4,9 @@
 - lpm: longest cached prefix first, which keeps hot prefixes locked and hit.
 - dfs-weight: walk the radix tree depth first, heavier subtrees (more waiting requests below)
   first, so requests sharing a prefix run next to each other.
+
+The cache-aware orders match every waiting request each step; the scheduler takes queues
+longer than `scheduler.CACHE_AWARE_MAX_WAITING` in arrival order instead.
 """
 
 from __future__ import annotations

@@ -27,6 +27,8 @@ from jaxsgl.model.forward_batch import SeqChunk
 
 logger = logging.getLogger(__name__)
 
+CACHE_AWARE_MAX_WAITING = 128  # longer queues are admitted fcfs (see `_admit`)
+
 
 @dataclasses.dataclass
 class ScheduledBatch:
@@ -131,14 +133,18 @@ class Scheduler:
 
     def _admit(self, batch: ScheduledBatch, budget: int) -> None:
         # Cache-aware orders need every waiting request's match; fcfs matches only the ones it
-        # reaches (a queue of hundreds of long prompts costs milliseconds to match each step).
+        # reaches. Matching hundreds of long prompts costs milliseconds a step, so past
+        # CACHE_AWARE_MAX_WAITING waiting requests the queue is taken in arrival order.
+        policy = self.options.schedule_policy
+        if len(self.waiting) > CACHE_AWARE_MAX_WAITING:
+            policy = "fcfs"
         matches = {}
-        if self.options.schedule_policy != "fcfs":
+        if policy != "fcfs":
             matches = {id(r): self.kv.match(r, self._match_limit(r)) for r in self.waiting}
         reserved = self._decode_reservation()
         started: set[tuple] = set()
         per_namespace = Counter(r.namespace for r in self.running)
-        for req in order_waiting(self.options.schedule_policy, list(self.waiting), matches):
+        for req in order_waiting(policy, list(self.waiting), matches):
             if budget <= 0 or len(self.running) >= self.options.max_running_requests:
                 break
             cap = self.namespace_limits.get(req.namespace)
