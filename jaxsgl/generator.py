@@ -38,6 +38,7 @@ class Generator:
         # One engine, or `dp_size` of them on their own devices behind a dispatcher.
         self.replicas = Replicas(self.options, progress=progress)
         self.engine = self.replicas.engines[0]  # model, tokenizer, context, grammar compiler
+        self.options = self.engine.options  # with the device's defaults filled in
         self.tokenizer = self.engine.tokenizer
         if self.options.chat_template is not None and self.tokenizer is not None:
             self.tokenizer.hf.chat_template = self.options.chat_template

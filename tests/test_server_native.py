@@ -218,6 +218,7 @@ def test_server_info(server):
     info = server.wait_idle()
     assert info["context_length"] == CONTEXT_LENGTH and info["max_total_tokens"] == 16384
     assert info["max_running_requests"] == 64 and info["chunked_prefill_size"] == 512
+    assert info["kv_cache_dtype"] == "auto"
     assert info["num_requests_total"] >= 0 and isinstance(info["version"], str)
     assert json.loads(server.get("/get_server_info")[1])["integrity"] == info["integrity"]
 
