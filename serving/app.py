@@ -41,6 +41,8 @@ def create_app(
     app.router.add_get("/server_info", native_api.server_info)
     app.router.add_get("/get_server_info", native_api.server_info)
     app.router.add_post("/flush_cache", native_api.flush_cache)
+    app.router.add_post("/start_profile", native_api.start_profile)
+    app.router.add_post("/stop_profile", native_api.stop_profile)
     app.router.add_post("/pin_prefix", cache_api.pin_prefix)
     app.router.add_post("/unpin_prefix", cache_api.unpin_prefix)
     app.router.add_post("/tokenize", cache_api.tokenize)

@@ -1,4 +1,4 @@
-"""SGLang's native routes: `/generate`, health, model and server info, cache flush."""
+"""SGLang's native routes: `/generate`, health, model and server info, cache flush, profiling."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import dataclasses
 
 from aiohttp import web
 
+from jaxsgl.profiler import TRACE
 from serving.errors import HTTPError, json_body
 from serving.server_state import STATE, ServerState
 from serving.sse import SSEWriter
@@ -156,6 +157,29 @@ async def server_info(request: web.Request) -> web.Response:
             "version": _version(),
         }
     )
+
+
+async def start_profile(request: web.Request) -> web.Response:
+    """SGLang's `/start_profile`: a JAX profiler trace of the server (device and host), into
+    `output_dir` (default $JAXSGL_PROFILER_DIR or /tmp/jaxsgl_profile), until `/stop_profile`
+    or for `num_steps` engine steps."""
+    body = await json_body(request) if request.can_read_body else {}
+    unknown = sorted(set(body) - {"output_dir", "num_steps"})
+    if unknown:
+        raise HTTPError(400, f"unknown fields: {', '.join(unknown)}")
+    try:
+        folder = await asyncio.to_thread(TRACE.start, body.get("output_dir"), body.get("num_steps"))
+    except ValueError as e:
+        raise HTTPError(400, str(e)) from None
+    return web.Response(text=f"Start profiling. Trace folder: {folder}\n")
+
+
+async def stop_profile(request: web.Request) -> web.Response:
+    try:
+        folder = await asyncio.to_thread(TRACE.stop)
+    except ValueError as e:
+        raise HTTPError(400, str(e)) from None
+    return web.Response(text=f"Stop profiling. Trace written to {folder}\n")
 
 
 async def flush_cache(request: web.Request) -> web.Response:

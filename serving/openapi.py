@@ -182,5 +182,17 @@ def openapi_spec() -> dict[str, Any]:
                     "responses": {"200": {"description": "flushed"}, "400": _ERROR},
                 }
             },
+            "/start_profile": {
+                "post": {
+                    "summary": "start a JAX profiler trace ({output_dir, num_steps}, optional)",
+                    "responses": {"200": {"description": "started"}, "400": _ERROR},
+                }
+            },
+            "/stop_profile": {
+                "post": {
+                    "summary": "stop the running trace and write it",
+                    "responses": {"200": {"description": "written"}, "400": _ERROR},
+                }
+            },
         },
     }

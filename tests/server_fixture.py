@@ -50,11 +50,14 @@ class ServerProcess:
         self.auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # The server's output, shown when something fails; closed by `run_server`.
         self.log = tempfile.TemporaryFile()  # noqa: SIM115
+        # Where `/start_profile` writes when a request names no folder (removed with the log).
+        self.trace_dir = tempfile.TemporaryDirectory()  # noqa: SIM115
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> ServerProcess:
         env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
         env["JAX_PLATFORMS"] = "cpu"
+        env["JAXSGL_PROFILER_DIR"] = self.trace_dir.name
         cmd = [sys.executable, "-m", "jaxsgl.launch_server", "--host", "127.0.0.1"]
         cmd += ["--port", str(self.port), *SERVER_FLAGS, *self.flags]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=self.log)
@@ -150,6 +153,7 @@ def run_server(*extra_flags: str, api_key: str | None = None):
         if server.proc.poll() is None:
             server.proc.kill()
         server.log.close()
+        server.trace_dir.cleanup()
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,11 @@
 """SGLang's native routes against a real server: `/generate` in its shapes, the info routes,
-`/flush_cache`, `/openapi.json`."""
+`/flush_cache`, `/start_profile` and `/stop_profile`, `/openapi.json`."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -195,6 +196,40 @@ def _post_status(url: str) -> int:
     return asyncio.run(go())
 
 
+def test_profile_routes_write_a_trace(server, tmp_path):
+    """`/start_profile` with `num_steps`: the trace stops itself after that many engine steps
+    and is written (TensorBoard's xplane and Perfetto's JSON); a second start while one runs,
+    a stop with none running and bad fields are 400s."""
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            url = server.url
+            bad = {"num_steps": 0}
+            async with session.post(url + "/start_profile", json=bad) as resp:
+                assert resp.status == 400 and "num_steps" in (await resp.json())["error"]["message"]
+            async with session.post(url + "/stop_profile") as resp:
+                assert resp.status == 400 and "no trace" in (await resp.json())["error"]["message"]
+            body = {"output_dir": str(tmp_path), "num_steps": 2}
+            async with session.post(url + "/start_profile", json=body) as resp:
+                assert resp.status == 200 and str(tmp_path) in await resp.text()
+            async with session.post(url + "/start_profile", json=body) as resp:
+                assert resp.status == 400 and "already" in (await resp.json())["error"]["message"]
+            await post(session, url + "/generate", {"text": PROMPT, "sampling_params": GREEDY})
+            async with session.post(url + "/stop_profile") as resp:  # it stopped by itself
+                assert resp.status == 400
+            async with session.post(url + "/start_profile") as resp:  # defaults, until stopped
+                assert resp.status == 200 and server.trace_dir.name in await resp.text()
+            async with session.post(url + "/stop_profile") as resp:
+                assert resp.status == 200 and "written" in await resp.text()
+
+    server.wait_idle()
+    asyncio.run(go())
+    for folder in (tmp_path, Path(server.trace_dir.name)):
+        runs = list((folder / "plugins" / "profile").iterdir())
+        assert len(runs) == 1
+        assert list(runs[0].glob("*.xplane.pb")) and list(runs[0].glob("perfetto_trace.json.gz"))
+
+
 def test_health_routes(server):
     assert server.get("/health") == (200, b"ok")
     assert server.get("/health_generate", timeout=120)[0] == 200
@@ -232,7 +267,8 @@ def test_openapi_lists_the_routes(server):
         ("post", "/v1/completions"), ("post", "/v1/chat/completions"), ("get", "/v1/models"),
         ("post", "/generate"), ("get", "/health"), ("get", "/health_generate"),
         ("get", "/model_info"), ("get", "/get_model_info"), ("get", "/server_info"),
-        ("post", "/flush_cache"), ("get", "/metrics"),
+        ("post", "/flush_cache"), ("get", "/metrics"), ("post", "/start_profile"),
+        ("post", "/stop_profile"),
     }  # fmt: skip
     listed = {(method, path) for path, ops in spec["paths"].items() for method in ops}
     assert routes <= listed

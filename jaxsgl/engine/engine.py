@@ -40,6 +40,7 @@ from jaxsgl.engine.request import Request, Status
 from jaxsgl.engine.scheduler import ScheduledBatch, Scheduler
 from jaxsgl.engine.sizing import chunked_prefill_size_for, context_length_for, kv_pages_for
 from jaxsgl.model.loader import load_model, resolve_model_path
+from jaxsgl.profiler import TRACE
 from jaxsgl.sampler import RowState
 from jaxsgl.sharding import make_mesh
 from jaxsgl.tokenizer import load_tokenizer
@@ -200,6 +201,8 @@ class Engine:
                 logger.exception("engine step failed")
                 self._fail_running("internal error in the engine step")
                 ran = True
+            if ran:
+                TRACE.after_step()
             if not ran and self.scheduler.has_work:
                 time.sleep(0.0005)  # waiting out the batching window
 
