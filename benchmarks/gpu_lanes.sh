@@ -19,6 +19,8 @@
 #   two-mt1    the multi-turn scenario at TP 1 without and with the radix cache, side by side.
 #   two-mt2    the same at TP 2 with the radix cache, and the table against two-mt1's rows
 #              (same OUT).
+#   two-mt-profile  two-mt2's run with a JAX trace of 40 engine steps mid-run (/start_profile),
+#              summed by kernel kind (trace_summary.py).
 #   kv8        bench_one_batch with the model's KV type and with --kv-cache-dtype fp8_e4m3.
 # Four cards (one host), every row of the deployment table on one machine:
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
@@ -189,6 +191,20 @@ two-mt2() {
     python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
 }
 
+two-mt-profile() {  # TP 2 + radix as in two-mt2, with a trace of 40 engine steps mid-run
+    (
+        until curl -sf --max-time 5 localhost:30002/health > /dev/null; do sleep 2; done
+        sleep "${TRACE_AFTER:-25}"  # past the warm-up requests, into the timed run
+        curl -s -X POST localhost:30002/start_profile \
+            -d "{\"output_dir\": \"$OUT/trace\", \"num_steps\": 40}"
+    ) &
+    local tracer=$!
+    serve mt-tp2-radix-traced 0,1 30002 "${MT_LIMIT:-300}" "--context-length 4096 --tp-size 2" \
+        "${MT[@]}"
+    kill "$tracer" 2> /dev/null
+    python benchmarks/trace_summary.py "$OUT/trace"
+}
+
 kv8() {  # two cards side by side: bench_one_batch with the model's KV type (card 0), 8-bit (1)
     local args=(--batch-size 1 128 --input-len 2048 --output-len 16 --num-continuous-decode-steps 8)
     run one_batch_kv16 150 0 python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${args[@]}" \
@@ -250,4 +266,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, kv8, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
