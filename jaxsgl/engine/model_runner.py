@@ -110,7 +110,10 @@ class PendingStep:
 
 
 def enable_compilation_cache(path: str | None) -> str:
-    path = path or os.path.join(os.path.expanduser("~"), ".cache", "jaxsgl", "xla")
+    """XLA's persistent compilation cache in `path`; default $JAXSGL_COMPILATION_CACHE_DIR,
+    else ~/.cache/jaxsgl/xla. Returns the folder."""
+    default = os.path.join(os.path.expanduser("~"), ".cache", "jaxsgl", "xla")
+    path = path or os.environ.get("JAXSGL_COMPILATION_CACHE_DIR") or default
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)

@@ -50,7 +50,8 @@ class EngineOptions:
     served_model_name: str | None = None
     chat_template: str | None = None
     warmup: bool = True  # compile the common step shapes at start
-    compilation_cache_dir: str | None = None  # persistent XLA cache; None: ~/.cache/jaxsgl/xla
+    # Persistent XLA cache; None: $JAXSGL_COMPILATION_CACHE_DIR, else ~/.cache/jaxsgl/xla.
+    compilation_cache_dir: str | None = None
     log_level: str = "warning"
     # At most N running requests per named namespace, e.g. (("finance", 8),); others unbounded.
     namespace_max_running: tuple[tuple[str, int], ...] = ()
