@@ -44,10 +44,10 @@ def _prompts() -> list[list[int]]:
     ]
 
 
-def _greedy(folder, backend: str, tp: int, kv_cache_dtype: str = "auto") -> list[list[int]]:
+def _greedy(folder, backend: str, tp: int) -> list[list[int]]:
     with Generator(
         str(folder), attention_backend=backend, tp_size=tp, max_running_requests=8,
-        warmup=False, kv_cache_dtype=kv_cache_dtype, **SMALL,
+        warmup=False, **SMALL,
     ) as gen:  # fmt: skip
         assert gen.engine.runner.loaded.model.attention.name == backend
         prompts = _prompts()
@@ -68,14 +68,6 @@ def test_pallas_backend_matches_native(folder):
     # Four and eight devices: kv heads (2) fewer than the tensor size, so they are replicated.
     assert _greedy(folder, "pallas", 4) == native
     assert _greedy(folder, "native", 8) == native
-
-
-def test_an_8_bit_pool_gives_the_same_tokens_on_both_backends(folder):
-    """Both backends read the same 8-bit values and compute in float32: the Pallas kernels
-    under tensor parallelism (the pool split by kv heads) give the native backend's tokens."""
-    native = _greedy(folder, "native", 1, "fp8_e4m3")
-    assert all(len(set(ids)) >= 5 for ids in native)
-    assert _greedy(folder, "pallas", 2, "fp8_e4m3") == native
 
 
 def test_pallas_warm_up_covers_extends_of_any_mix(folder):
