@@ -1,16 +1,6 @@
 """Test setup: 8 fake CPU devices for sharding tests, shared fixtures for real and tiny models."""
 
-import atexit
 import os
-import shutil
-import tempfile
-
-# A compilation cache of this run's own, shared with the servers it starts (they inherit the
-# environment): entries another run left behind, truncated by a killed process, cannot crash
-# this one.
-if "JAXSGL_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAXSGL_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxsgl-xla-")
-    atexit.register(shutil.rmtree, os.environ["JAXSGL_COMPILATION_CACHE_DIR"], True)
 
 # Must happen before jax is imported anywhere in the test process.
 os.environ["XLA_FLAGS"] = (

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import re
 
-import jax
 import pytest
 from tiny_models import make_tiny
 
-from jaxsgl.engine.model_runner import ModelRunner, enable_compilation_cache
+from jaxsgl.engine.model_runner import ModelRunner
 from jaxsgl.model.forward_batch import SeqChunk
 from jaxsgl.model.loader import load_model
 from jaxsgl.sampler import RowState
@@ -44,15 +43,3 @@ def test_no_step_copies_the_pool(runner, chunks, decode, num_steps):
     copies = re.findall(rf"= \w+{pool}\S* copy\(", text)
     assert not copies, f"{len(copies)} copies of the pool in the step"
     assert step.batch.page_table.shape[1] >= 2
-
-
-def test_compilation_cache_folder_from_the_argument_or_the_environment(monkeypatch, tmp_path):
-    before = jax.config.jax_compilation_cache_dir
-    monkeypatch.setenv("JAXSGL_COMPILATION_CACHE_DIR", str(tmp_path / "env"))
-    try:
-        assert enable_compilation_cache(None) == str(tmp_path / "env")
-        assert (tmp_path / "env").is_dir()
-        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "env")
-        assert enable_compilation_cache(str(tmp_path / "given")) == str(tmp_path / "given")
-    finally:
-        jax.config.update("jax_compilation_cache_dir", before)
