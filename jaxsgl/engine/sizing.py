@@ -38,9 +38,8 @@ def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int
     """`options.chunked_prefill_size`, or the device's default when it is None."""
     if options.chunked_prefill_size is not None:
         return options.chunked_prefill_size
-    device = loaded.mesh.devices.flat[0]
-    stats = device.memory_stats() if device.platform != "cpu" else None
-    size = chunked_prefill_default(device.platform, (stats or {}).get("bytes_limit"))
+    device, stats = _memory_stats(loaded)
+    size = chunked_prefill_default(device.platform, stats.get("bytes_limit"))
     logger.info("chunked prefill: %d tokens an extend step (%s)", size, device.device_kind)
     return size
 
@@ -58,10 +57,16 @@ def kv_pages_for(options: EngineOptions, loaded: LoadedModel, context_length: in
     return num_pages
 
 
-def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | None:
+def _memory_stats(loaded: LoadedModel):
+    """The model's first device and its memory statistics ({} on CPUs, which keep none)."""
     device = loaded.mesh.devices.flat[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
-    if not stats or "bytes_limit" not in stats:
+    return device, stats or {}
+
+
+def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | None:
+    _, stats = _memory_stats(loaded)
+    if "bytes_limit" not in stats:
         return None
     budget = stats["bytes_limit"] * options.mem_fraction_static - stats["bytes_in_use"]
     cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
