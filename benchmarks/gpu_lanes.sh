@@ -162,21 +162,19 @@ four-1() {
             --batch-size 1 128 --input-len 1024 --output-len 16 \
             --result-file "$OUT/one_batch.jsonl"
     ) &
-    serve mt-tp2-radix 2,3 30002 300 "--context-length 4096 --tp-size 2" "${MT[@]}" &
+    mt_tp2_radix 2,3 &
     wait
     table
 }
 
 four-mt() {  # the multi-turn rows only: TP 1 with and without radix, TP 2, then TP 4
-    local limit=${MT_LIMIT:-300}  # seconds for each of the first three (start and run)
-    serve mt-tp1-noradix 0 30000 "$limit" "--context-length 4096 --disable-radix-cache" "${MT[@]}" &
-    serve mt-tp1-radix 1 30001 "$limit" "--context-length 4096" "${MT[@]}" &
-    serve mt-tp2-radix 2,3 30002 "$limit" "--context-length 4096 --tp-size 2" "${MT[@]}" &
+    two-mt1 &  # cards 0 and 1; MT_LIMIT for the first three rows (start and run)
+    mt_tp2_radix 2,3 &
     wait
     if [ "${MT_TP4:-1}" != 0 ]; then  # MT_TP4=0: the three rows above only
         serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
     fi
-    python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
+    mt_table
 }
 
 two-mt1() {  # two cards: the TP 1 multi-turn rows side by side (two-mt2 then runs TP 2)
@@ -186,9 +184,17 @@ two-mt1() {  # two cards: the TP 1 multi-turn rows side by side (two-mt2 then ru
     wait
 }
 
-two-mt2() {
-    serve mt-tp2-radix 0,1 30002 "${MT_LIMIT:-300}" "--context-length 4096 --tp-size 2" "${MT[@]}"
+mt_tp2_radix() {  # cards
+    serve mt-tp2-radix "$1" 30002 "${MT_LIMIT:-300}" "--context-length 4096 --tp-size 2" "${MT[@]}"
+}
+
+mt_table() {  # every multi-turn row of $OUT against TP 1 without the radix cache
     python benchmarks/serving_table.py "$OUT"/mt-*.json --baseline "$OUT/mt-tp1-noradix.json"
+}
+
+two-mt2() {
+    mt_tp2_radix 0,1
+    mt_table
 }
 
 two-mt-profile() {  # TP 2 + radix as in two-mt2, with a trace of 40 engine steps mid-run
