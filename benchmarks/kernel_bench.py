@@ -6,13 +6,18 @@ tokens and 2048 new tokens over a 6144-token cached prefix; the floor is the att
 (causal, QKᵀ and PV) over the bf16 matmul rate. Each case sweeps the kernel's block sizes and
 compares with a baseline run on the same data (JAX's own Pallas paged decode; cuDNN's fused
 attention for a prefill with no prefix), and checks the output against a float32 reference.
+`--kv-dtype float8_e4m3fn` (or float8_e5m2) runs the cases over an 8-bit pool; their baseline
+is then the same kernel widening the pool's values to bfloat16, as it did before they went to
+float16 (neither baseline above takes 8-bit pages).
 
     python benchmarks/kernel_bench.py --out results.json
+    python benchmarks/kernel_bench.py --no-sweep --no-hopper --kv-dtype float8_e4m3fn
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import itertools
 import json
@@ -22,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxsgl.roofline import measure_ceilings, time_call
-from pallas_kernels import ragged_extend_hopper
+from pallas_kernels import paged_decode, ragged_extend, ragged_extend_hopper
 from pallas_kernels.paged_decode import paged_decode_attention
 from pallas_kernels.ragged_extend import (
     ragged_extend_attention,
@@ -31,13 +36,34 @@ from pallas_kernels.ragged_extend import (
 
 N, K, H, G = 32, 8, 128, 16
 SCALE = H**-0.5
+KV_DTYPE = jnp.bfloat16  # the pool's type (--kv-dtype)
 
 
 def _pool(rng, num_pages: int):
     shape = (1, K, num_pages * G, H)
     k = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), shape, jnp.bfloat16)
     v = jax.random.normal(jax.random.key(int(rng.integers(1 << 30))), shape, jnp.bfloat16)
-    return k, v
+    return k.astype(KV_DTYPE), v.astype(KV_DTYPE)
+
+
+@contextlib.contextmanager
+def _bf16_widening():
+    """The kernels as they were before 8-bit pools widened to float16: queries stay bfloat16,
+    so keys and values widen to bfloat16 (a baseline row for 8-bit pools)."""
+    saved = paged_decode.widened_queries, ragged_extend.widened_queries
+    paged_decode.widened_queries = ragged_extend.widened_queries = lambda q, dtype: q
+    try:
+        yield
+    finally:
+        paged_decode.widened_queries, ragged_extend.widened_queries = saved
+
+
+def _with_bf16_widening(fn):
+    def run(*args, **kwargs):
+        with _bf16_widening():
+            return fn(*args, **kwargs)
+
+    return run
 
 
 def _tables(rng, S: int, ctx: int):
@@ -83,7 +109,7 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
     k, v = _pool(rng, num_pages)
     q = jax.random.normal(jax.random.key(5), (S, N, H), jnp.bfloat16)
     lens = jnp.full((S,), ctx, jnp.int32)
-    kv_bytes = 2 * S * ctx * K * H * 2
+    kv_bytes = 2 * S * ctx * K * H * k.dtype.itemsize
     case = f"decode B{S} ctx{ctx}"
     floor = ceil.floor(kv_bytes, 4 * S * ctx * N * H)
     last = jnp.array([ctx - 1])
@@ -108,6 +134,15 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
         config = f"ppb{ppb} w{warps} s{stages} x{splits}"
         args = (q, k, v, 0, table, lens)
         rows.append(_measure(case, config, fn, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
+    if k.dtype.itemsize == 1:  # the default blocks, widening to bfloat16 as before
+        fn = jax.jit(
+            _with_bf16_widening(functools.partial(paged_decode_attention, page_size=G, scale=SCALE))
+        )
+        config = "baseline default blocks, 8-bit widened to bf16"
+        args = (q, k, v, 0, table, lens)
+        rows.append(_measure(case, config, fn, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
+    if k.dtype.itemsize == 1:  # JAX's paged attention takes 16-bit pages only
+        return rows
     # Baseline: JAX's Pallas GPU paged attention (decode only) on the same pages.
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
 
@@ -135,7 +170,7 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: 
     # Causal: token i of the run sees prefix + i + 1 keys; 2 FLOPs a multiply-add, QKᵀ and PV.
     flops = S * N * H * 4 * (new * prefix + new * (new + 1) / 2)
     case = f"extend {S}x{new} over {prefix}"
-    floor = ceil.floor(T * N * H * 2 * 2 + 2 * S * ctx * K * H * 2, flops)
+    floor = ceil.floor(T * N * H * 2 * 2 + 2 * S * ctx * K * H * k.dtype.itemsize, flops)
     q_pos = prefix + jnp.arange(new)
     ref = jnp.concatenate(
         [_dense_reference(q[s * new : (s + 1) * new], k, v, table, q_pos, s) for s in range(S)]
@@ -152,7 +187,10 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: 
         )
         for bq, bk, w, st, e in triton
     ]
-    if hopper and ragged_extend_hopper.supported(jax.devices()[0], q.dtype, H, G):
+    if k.dtype.itemsize == 1:  # the default blocks, widening to bfloat16 as before
+        kernel = _with_bf16_widening(ragged_extend_attention)
+        configs.append(("baseline default blocks, 8-bit widened to bf16", kernel, {}))
+    if hopper and ragged_extend_hopper.supported(jax.devices()[0], k.dtype, H, G):
         blocks = ((128, 2), (64, 2), (64, 3), (64, 4)) if sweep else ((128, 2),)
         kernel = ragged_extend_hopper.ragged_extend_attention_hopper
         configs += [
@@ -163,7 +201,9 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: 
     for config, kernel, settings in configs:
         fn = jax.jit(functools.partial(kernel, max_q_len=new, page_size=G, scale=SCALE, **settings))
         rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
-    if prefix == 0:  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
+    if (
+        prefix == 0 and k.dtype.itemsize == 2
+    ):  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
         slots = [(table[s][:, None] * G + jnp.arange(G)).reshape(-1) for s in range(S)]
         kd = jnp.stack([k[0][:, sl] for sl in slots])  # [S, K, C, H]
         vd = jnp.stack([v[0][:, sl] for sl in slots])
@@ -230,7 +270,15 @@ def main(argv=None) -> None:
         "--check-only", action="store_true", help="only the ragged checks of the extend kernels"
     )
     p.add_argument("--no-hopper", action="store_true", help="leave out the Hopper extend kernel")
+    p.add_argument(
+        "--kv-dtype",
+        default="bfloat16",
+        choices=["bfloat16", "float8_e4m3fn", "float8_e5m2"],
+        help="the pool's type (8-bit ones add a row widening them to bfloat16, as before)",
+    )
     args = p.parse_args(argv)
+    global KV_DTYPE
+    KV_DTYPE = jnp.dtype(args.kv_dtype)
     rng = np.random.default_rng(0)
     ceil = measure_ceilings()
     print(

@@ -37,6 +37,17 @@ def dot_precision(dtype) -> jax.lax.Precision:
     return jax.lax.Precision.DEFAULT
 
 
+def widened_queries(q: jax.Array, pool_dtype) -> jax.Array:
+    """The queries in the type a kernel multiplies in. Over an 8-bit pool, 16-bit queries go
+    to float16: an 8-bit key or value widens to float16 in one conversion (to bfloat16 in
+    several, which made the 8-bit decode kernel no faster than the 16-bit one), and float16
+    keeps more of each probability's bits. Queries past float16's range are clipped to it."""
+    if jnp.dtype(pool_dtype).itemsize != 1 or q.dtype == jnp.float32:
+        return q
+    f16_max = float(jnp.finfo(jnp.float16).max)  # not a bfloat16: clip in float32
+    return jnp.clip(q.astype(jnp.float32), -f16_max, f16_max).astype(jnp.float16)
+
+
 def scores(q: jax.Array, k: jax.Array, precision) -> jax.Array:
     """`q [M, H]` · `k [BK, H]`ᵀ in float32: `[M, BK]`."""
     dims = (((1,), (1,)), ((), ()))

@@ -33,6 +33,7 @@ from pallas_kernels.common import (
     pad_to,
     pow2_at_least,
     scores,
+    widened_queries,
 )
 
 
@@ -69,7 +70,7 @@ def _decode_kernel(
         pages = page_table_ref[start // G + i // G]  # [BK]
         slots = pages * G + i % G  # [BK]
         visible = start + i < seq_len  # [BK]
-        k = k_ref[layer, h, slots, :].astype(q.dtype)  # [BK, H]; an 8-bit pool widened
+        k = k_ref[layer, h, slots, :].astype(q.dtype)  # [BK, H]; an 8-bit pool widened (float16)
         v = v_ref[layer, h, slots, :].astype(q.dtype)  # [BK, H]
         # Masked keys may sit in stale or scratch slots: zero their values so 0 · v is 0.
         v = jnp.where(visible[:, None], v, jnp.zeros_like(v))
@@ -134,14 +135,15 @@ def paged_decode_attention(
 
     R = N // K
     Rp = pow2_at_least(R, 16)  # a matmul needs at least 16 rows
-    q_groups = pad_to(q.reshape(S, K, R, H), 2, Rp)  # [S, K, Rp, H]
+    qw = widened_queries(q, k_pool.dtype)
+    q_groups = pad_to(qw.reshape(S, K, R, H), 2, Rp)  # [S, K, Rp, H]
     kernel = functools.partial(
         _decode_kernel,
         page_size=page_size,
         pages_per_block=pages_per_block,
         pages_per_split=pages_per_split,
         scale=scale,
-        precision=dot_precision(q.dtype),
+        precision=dot_precision(qw.dtype),
     )
     full = lambda shape: pl.BlockSpec(shape, lambda s, h, x: (0,) * len(shape))
     o, lse = pl.pallas_call(

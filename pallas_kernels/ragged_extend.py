@@ -44,6 +44,7 @@ from pallas_kernels.common import (
     online_softmax,
     pow2_at_least,
     scores,
+    widened_queries,
 )
 
 
@@ -184,6 +185,7 @@ def ragged_extend_attention(
     page_table = jnp.pad(page_table.astype(jnp.int32), ((0, 0), (0, P_pad - P)))
 
     item_seq, item_block = work_items(q_lens, block_q, max_q_len, T)
+    qw = widened_queries(q, k_pool.dtype)
     kernel = functools.partial(
         _extend_kernel,
         page_size=page_size,
@@ -192,10 +194,10 @@ def ragged_extend_attention(
         group=R,
         heads=E,
         scale=scale,
-        precision=dot_precision(q.dtype),
+        precision=dot_precision(qw.dtype),
     )
     full = lambda shape: pl.BlockSpec(shape, lambda n, w: (0,) * len(shape))
-    return pl.pallas_call(
+    out = pl.pallas_call(
         kernel,
         grid=(N // E, item_seq.shape[0]),
         in_specs=[
@@ -212,7 +214,7 @@ def ragged_extend_attention(
             full(q.shape),
         ],
         out_specs=full(q.shape),
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
+        out_shape=jax.ShapeDtypeStruct(q.shape, qw.dtype),
         input_output_aliases={10: 0},
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
@@ -225,11 +227,12 @@ def ragged_extend_attention(
         q_lens.astype(jnp.int32),
         seq_lens.astype(jnp.int32),
         page_table,
-        q,
+        qw,
         k_pool,
         v_pool,
-        jnp.zeros_like(q),
+        jnp.zeros_like(qw),
     )
+    return out.astype(q.dtype)
 
 
 def work_items(

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels.common import widened_queries
 from pallas_kernels.paged_decode import (
     paged_decode_attention,
     paged_decode_attention_reference,
@@ -114,8 +115,8 @@ def test_extend_matches_reference(page_size, ratio, dtype):
 @pytest.mark.parametrize("pool_dtype", [jnp.float8_e5m2, jnp.float8_e4m3fn])
 def test_kernels_read_8_bit_pools(pool_dtype):
     """`--kv-cache-dtype fp8_*`: bfloat16 queries over an 8-bit pool. Each kernel widens the
-    pool's values (exactly: both 8-bit types fit in bfloat16) and must match its reference,
-    which reads the same 8-bit values in float32."""
+    pool's values to float16 (exactly: both 8-bit types fit in it) and must match its
+    reference, which reads the same 8-bit values in float32."""
     rng = np.random.default_rng()
     G, (N, K) = 16, _heads(4)
     seq_lens = [int(rng.integers(1, 200)), 0, int(rng.integers(64, 300))]
@@ -140,6 +141,16 @@ def test_kernels_read_8_bit_pools(pool_dtype):
         *args, max_q_len=64, page_size=G, scale=H**-0.5, block_q=16, block_k=32, interpret=True
     )
     assert out.dtype == jnp.bfloat16 and _relative_error(out, ref) < 1e-2
+
+
+def test_queries_over_an_8_bit_pool_go_to_float16_within_its_range():
+    q = jnp.asarray([[[1e5, -3e38, 0.5, -2.0]]], jnp.bfloat16)
+    wide = widened_queries(q, jnp.float8_e4m3fn)
+    assert wide.dtype == jnp.float16
+    np.testing.assert_array_equal(np.asarray(wide, np.float32), [[[65504, -65504, 0.5, -2.0]]])
+    assert widened_queries(q, jnp.bfloat16) is q  # a 16-bit pool: the queries as they are
+    q32 = q.astype(jnp.float32)
+    assert widened_queries(q32, jnp.float8_e5m2) is q32  # float32 queries stay float32
 
 
 @pytest.mark.parametrize("block_q", [16, 32])
