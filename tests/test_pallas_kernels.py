@@ -120,7 +120,11 @@ def test_kernels_read_8_bit_pools(pool_dtype):
     rng = np.random.default_rng()
     G, (N, K) = 16, _heads(4)
     seq_lens = [int(rng.integers(1, 200)), 0, int(rng.integers(64, 300))]
-    num_pages = 2 + sum(-(-n // G) for n in seq_lens)
+    q_lens = np.array([int(rng.integers(20, 40)), 3, 1])  # the extend below, over prefixes
+    prefix = np.array([0, int(rng.integers(70, 150)), 45])
+    lens = q_lens + prefix
+    pages = lambda lengths: sum(-(-int(n) // G) for n in lengths)
+    num_pages = 2 + max(pages(seq_lens), pages(lens))  # one pool holds either case
     k, v = (x.astype(pool_dtype) for x in _pool(rng, num_pages * G, K, jnp.float32))
     table = _page_tables(rng, seq_lens, G, num_pages)
     q = jnp.asarray(rng.standard_normal((len(seq_lens), N, H)), jnp.bfloat16)
@@ -129,10 +133,7 @@ def test_kernels_read_8_bit_pools(pool_dtype):
     out = paged_decode_attention(*args, page_size=G, scale=H**-0.5, interpret=True)
     assert out.dtype == jnp.bfloat16 and _relative_error(out, ref) < 1e-2
 
-    q_lens = np.array([int(rng.integers(20, 40)), 3, 1])
-    prefix = np.array([0, int(rng.integers(70, 150)), 45])
     q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]])
-    lens = q_lens + prefix
     table = _page_tables(rng, lens.tolist(), G, num_pages)
     q = jnp.asarray(rng.standard_normal((int(q_lens.sum()), N, H)), jnp.bfloat16)
     args = (q, k, v, 0, *(jnp.asarray(a, jnp.int32) for a in (q_start, q_lens, lens)), table)
