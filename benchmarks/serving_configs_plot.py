@@ -1,9 +1,10 @@
 """The multi-turn serving rows under several server configurations, as one picture: for each
 configuration (a folder of bench_serving results from `gpu_lanes.sh two-mt1` and `two-mt2`),
 each run's throughput and cost per request as ratios to that folder's TP 1 run without the
-radix cache, with the deployment table's goals drawn across.
+radix cache, with the deployment table's goals drawn across. A run a folder lacks (TP 4 on a
+two-card machine) has no bar.
 
-    python benchmarks/serving_configs_plot.py --out benchmarks/serving_configs_h200x2.png \\
+    python benchmarks/serving_configs_plot.py --out benchmarks/serving_configs.png \\
         "bf16, 2048 a prefill step=benchmarks/results/h200x2-2026-11-27-d" ...
 """
 
@@ -18,10 +19,15 @@ from serving_table import table_rows
 RUNS = (
     ("mt-tp1-radix", "TP 1 + radix"),
     ("mt-tp2-radix", "TP 2 + radix"),
+    ("mt-tp4-radix", "TP 4 + radix"),
 )
 # (panel, row key, goals as (value, label)) — the ratio goals of the deployment table.
 PANELS = (
-    ("throughput × TP 1 without radix", "x_throughput", ((3.0, "radix goal, one GPU"),)),
+    (
+        "throughput × TP 1 without radix",
+        "x_throughput",
+        ((3.0, "radix goal, one GPU"), (5.3, "TP 4 goal")),
+    ),
     ("cost per request × TP 1 without radix", "x_cost", ((0.58, "cost goal"),)),
     ("P99 E2E latency × TP 1 without radix", "x_p99", ((0.5, "P99 goal"),)),
 )
@@ -38,9 +44,9 @@ def main(argv=None) -> None:
         if not sep:
             raise SystemExit(f"{item!r} is not LABEL=FOLDER")
         base = Path(folder) / "mt-tp1-noradix.json"
-        paths = [str(Path(folder) / f"{name}.json") for name, _ in RUNS]
-        found = table_rows(paths, str(base))
-        rows = {name: row for (name, _), row in zip(RUNS, found, strict=True)}
+        names = [name for name, _ in RUNS if (Path(folder) / f"{name}.json").exists()]
+        found = table_rows([str(Path(folder) / f"{name}.json") for name in names], str(base))
+        rows = dict(zip(names, found, strict=True))
         configs.append((label, rows))
 
     import matplotlib
@@ -53,9 +59,10 @@ def main(argv=None) -> None:
     width = 0.8 / len(configs)
     for ax, (title, key, goals) in zip(axes, PANELS, strict=True):
         for i, (label, rows) in enumerate(configs):
-            values = [rows[name][key] for name, _ in RUNS]
+            values = [rows[name][key] if name in rows else np.nan for name, _ in RUNS]
             bars = ax.bar(x + i * width, values, width, label=label)
-            ax.bar_label(bars, fmt="%.2f", fontsize="small")
+            labels = [f"{v:.2f}" if np.isfinite(v) else "" for v in values]
+            ax.bar_label(bars, labels=labels, fontsize="small")
         for value, text in goals:
             ax.axhline(value, color="k", linestyle="--", linewidth=1)
             ax.annotate(text, (x[0] - 0.1, value), ha="left", va="bottom", fontsize="small")
@@ -63,8 +70,9 @@ def main(argv=None) -> None:
         ax.set_xticks(x + width * (len(configs) - 1) / 2, [name for _, name in RUNS])
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small", loc="upper left")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(configs), fontsize="small")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
 
