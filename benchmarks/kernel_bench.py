@@ -118,7 +118,7 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
     rows = []
     grid = [(4, 4, 2, None)]
     if sweep:
-        grid = itertools.product((4, 8), (4,), (2, 3), (None, 2, 16))
+        grid = itertools.product((4, 8), (2, 4), (2, 3), (None, 2, 16))
     for ppb, warps, stages, splits in grid:
         fn = jax.jit(
             functools.partial(

@@ -12,6 +12,11 @@ that floor (1.0 is the ceiling). `host ms` is the part of a decode step the devi
 account for: the wall time of a step prepared, launched and waited for, minus the time of the
 same prepared step launched back to back. With `--num-continuous-decode-steps k` the table
 also gives the device's time per step when k steps run in one launch (no gap between them).
+
+`--profile` also traces three of each case's decode launches (k steps each) with JAX's profiler
+into `$JAXSGL_PROFILER_DIR/<prefix>-tp<T>-bs<B>-in<I>-out<O>` (default folder
+/tmp/jaxsgl_profile); `python benchmarks/trace_summary.py FOLDER` sums the device's time in it
+by kernel kind.
 """
 
 from __future__ import annotations
@@ -19,19 +24,22 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import statistics
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxsgl.ceilings import Ceilings
+from jaxsgl.ceilings import Ceilings, read_ceilings
 from jaxsgl.engine.model_runner import ModelRunner
 from jaxsgl.engine.options import KV_CACHE_DTYPES
 from jaxsgl.model.forward_batch import SeqChunk
 from jaxsgl.model.loader import load_model
 from jaxsgl.model_cost import ModelCost
+from jaxsgl.profiler import DEFAULT_DIR_ENV, TRACE
 from jaxsgl.roofline import measure_ceilings, time_call
 from jaxsgl.sampler import RowState
 from jaxsgl.sampling_params import SamplingParams
@@ -49,6 +57,7 @@ def bench_case(
     output_len: int,
     rng,
     decode_steps: int = 1,
+    profile_dir: str | None = None,
 ) -> dict:
     G = runner.page_size
     pages_per_seq = -(-(input_len + output_len) // G)
@@ -82,6 +91,12 @@ def bench_case(
     k = min(decode_steps, output_len - output_len // 2)
     prepared = runner.prepare(mid, rows, True, num_steps=k)
     device_k = time_call(lambda: runner.launch(prepared).out.tokens, repeats=3, calls=10) / k
+    if profile_dir:  # the same launches, warm, under the profiler
+        TRACE.start(profile_dir)
+        try:
+            jax.block_until_ready([runner.launch(prepared).out.tokens for _ in range(3)])
+        finally:
+            TRACE.stop()
 
     pb, pf = cost.prefill(bs, input_len)
     db, df = cost.decode(bs, ctx)
@@ -104,6 +119,7 @@ def bench_case(
         decode_steps_per_launch=k,
         decode_launch_ms_per_step=device_k * 1e3,
         decode_launch_x_floor=device_k / ceil.floor(db, df),
+        profile_dir=profile_dir,
     )
 
 
@@ -132,9 +148,26 @@ def main(argv=None) -> list[dict]:
         help="also time this many decode steps run in one launch (per step, back to back)",
     )
     p.add_argument("--result-file", default=None, help="append one JSON line per case")
+    p.add_argument(
+        "--ceilings",
+        default=None,
+        help="one device's ceilings from a JSON file (`python -m jaxsgl.roofline --out FILE`) "
+        "instead of measuring them first",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help=f"trace three decode launches of each case (into ${DEFAULT_DIR_ENV})",
+    )
+    p.add_argument(
+        "--profile-filename-prefix",
+        default="bench_one_batch",
+        help="the start of each case's trace folder name",
+    )
     args = p.parse_args(argv)
+    profile_root = os.environ.get(DEFAULT_DIR_ENV, "/tmp/jaxsgl_profile")
 
-    ceil = measure_ceilings()
+    ceil = read_ceilings(args.ceilings) if args.ceilings else measure_ceilings()
     mesh = make_mesh(args.tp_size)
     loaded = load_model(args.model_path, load_format=args.load_format, dtype=args.dtype, mesh=mesh)
     cases = list(itertools.product(args.batch_size, args.input_len, args.output_len))
@@ -159,7 +192,13 @@ def main(argv=None) -> list[dict]:
     # Weights and KV split over the mesh: its devices' bandwidth and FLOPs add up.
     mesh_ceil = ceil.times(mesh.devices.size)
     for bs, i, o in tqdm(cases, desc="bench_one_batch"):
-        r = bench_case(runner, cost, mesh_ceil, bs, i, o, rng, args.num_continuous_decode_steps)
+        profile_dir = None
+        if args.profile:
+            name = f"{args.profile_filename_prefix}-tp{args.tp_size}-bs{bs}-in{i}-out{o}"
+            profile_dir = os.path.join(profile_root, name)
+        r = bench_case(
+            runner, cost, mesh_ceil, bs, i, o, rng, args.num_continuous_decode_steps, profile_dir
+        )
         r.update(
             model=args.model_path,
             tp_size=args.tp_size,
@@ -175,6 +214,7 @@ def main(argv=None) -> list[dict]:
             f"bs {bs} in {i} out {o}: prefill {r['prefill_ms']:.2f} ms "
             f"({r['prefill_x_floor']:.2f}x floor), decode step {r['decode_step_ms']:.2f} ms "
             f"({r['decode_x_floor']:.2f}x floor, host {r['host_ms']:.2f} ms)"
+            + (f", trace in {profile_dir}" if profile_dir else "")
         )
         if args.result_file:
             with open(args.result_file, "a") as f:
