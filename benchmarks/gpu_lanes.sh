@@ -22,11 +22,14 @@
 #   two-mt-profile  two-mt2's run with a JAX trace of 40 engine steps mid-run (/start_profile),
 #              summed by kernel kind (trace_summary.py).
 #   kv8        bench_one_batch with the model's KV type and with --kv-cache-dtype fp8_e4m3.
+#   kernels8   one card: the attention kernels over an 8-bit pool, decode's block sweep too.
 # Four cards (one host), every row of the deployment table on one machine:
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
+#   tp4-profile  bench_one_batch at TP 4 (batch 128, eight steps a launch) with a trace of its
+#              decode launches, then the same at TP 1 on card 0; each trace summed by kernel kind.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
 #              compare SERVER_ARGS; MT_LIMIT sets the first three's time limit, MT_TP4=0
 #              leaves TP 4 out.
@@ -221,6 +224,27 @@ kv8() {  # two cards side by side: bench_one_batch with the model's KV type (car
     tail -n 4 "$OUT/one_batch_kv16.log" "$OUT/one_batch_kv8.log"
 }
 
+kernels8() {
+    run kernels8 300 0 python benchmarks/kernel_bench.py --only decode --no-hopper \
+        --kv-dtype float8_e4m3fn --out "$OUT/kernels8.json"
+    tail -n 8 "$OUT/kernels8.log"
+}
+
+tp4-profile() {
+    local args=(--batch-size 128 --input-len 1024 --output-len 16 --num-continuous-decode-steps 8
+        --profile --result-file "$OUT/one_batch_profile.jsonl")
+    JAXSGL_PROFILER_DIR="$OUT/traces" run one_batch_tp4_profile 150 0,1,2,3 \
+        python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 "${args[@]}"
+    JAXSGL_PROFILER_DIR="$OUT/traces" run one_batch_tp1_profile 100 0 \
+        python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${args[@]}"
+    local trace
+    for trace in "$OUT"/traces/*; do
+        [ -d "$trace" ] || continue
+        echo "--- $trace"
+        python benchmarks/trace_summary.py "$trace"
+    done
+}
+
 four-2() {
     serve mt-tp4-radix 0,1,2,3 30000 240 "--context-length 4096 --tp-size 4" "${MT[@]}"
     run one_batch_tp4 100 0,1,2,3 python -m jaxsgl.bench_one_batch "${MODEL[@]}" \
@@ -272,4 +296,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, four-1, four-2, four-3, four-mt, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, probe, hopper or random-tp1 CARDS CEILINGS}"
