@@ -109,23 +109,13 @@ class PendingStep:
         return self.out.tokens if self.num_steps == 1 else self.out.tokens[-1]
 
 
-# JAX's cache takes a file lock around every read and write of its folder only when the cache
-# has a size limit. Without the lock a server starting beside another (or a DP replica beside
-# its siblings) could read an entry the other was still writing: XLA then warns of an
-# "incomplete or truncated stream" and compiles the program again. The limit is far above any
-# set of step programs, so in practice nothing is evicted.
-COMPILATION_CACHE_MAX_BYTES = 64 << 30
-
-
 def enable_compilation_cache(path: str | None) -> str:
     """XLA's persistent compilation cache in `path`; default $JAXSGL_COMPILATION_CACHE_DIR,
-    else ~/.cache/jaxsgl/xla. Processes sharing the folder take turns at it (a file lock).
-    Returns the folder."""
+    else ~/.cache/jaxsgl/xla. Returns the folder."""
     default = os.path.join(os.path.expanduser("~"), ".cache", "jaxsgl", "xla")
     path = path or os.environ.get("JAXSGL_COMPILATION_CACHE_DIR") or default
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path
 
