@@ -17,7 +17,6 @@ float16 (neither baseline above takes 8-bit pages).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import itertools
 import json
@@ -46,22 +45,17 @@ def _pool(rng, num_pages: int):
     return k.astype(KV_DTYPE), v.astype(KV_DTYPE)
 
 
-@contextlib.contextmanager
-def _bf16_widening():
-    """The kernels as they were before 8-bit pools widened to float16: queries stay bfloat16,
-    so keys and values widen to bfloat16 (a baseline row for 8-bit pools)."""
-    saved = paged_decode.widened_queries, ragged_extend.widened_queries
-    paged_decode.widened_queries = ragged_extend.widened_queries = lambda q, dtype: q
-    try:
-        yield
-    finally:
-        paged_decode.widened_queries, ragged_extend.widened_queries = saved
+def _with_bf16_widening(kernel):
+    """`kernel` as it was before 8-bit pools widened to float16: queries stay bfloat16, so keys
+    and values widen to bfloat16 (the baseline row for 8-bit pools). Applies while tracing."""
 
-
-def _with_bf16_widening(fn):
     def run(*args, **kwargs):
-        with _bf16_widening():
-            return fn(*args, **kwargs)
+        saved = paged_decode.widened_queries, ragged_extend.widened_queries
+        paged_decode.widened_queries = ragged_extend.widened_queries = lambda q, dtype: q
+        try:
+            return kernel(*args, **kwargs)
+        finally:
+            paged_decode.widened_queries, ragged_extend.widened_queries = saved
 
     return run
 
@@ -134,14 +128,13 @@ def bench_decode(rng, ceil, S: int, ctx: int, sweep: bool) -> list[dict]:
         config = f"ppb{ppb} w{warps} s{stages} x{splits}"
         args = (q, k, v, 0, table, lens)
         rows.append(_measure(case, config, fn, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
-    if k.dtype.itemsize == 1:  # the default blocks, widening to bfloat16 as before
-        fn = jax.jit(
-            _with_bf16_widening(functools.partial(paged_decode_attention, page_size=G, scale=SCALE))
-        )
+    if k.dtype.itemsize == 1:  # the default blocks widening to bfloat16, as before; JAX's
+        # paged attention below takes 16-bit pages only
+        kernel = functools.partial(paged_decode_attention, page_size=G, scale=SCALE)
+        fn = jax.jit(_with_bf16_widening(kernel))
         config = "baseline default blocks, 8-bit widened to bf16"
         args = (q, k, v, 0, table, lens)
         rows.append(_measure(case, config, fn, args, ref, floor, ("tb_s", kv_bytes / 1e12)))
-    if k.dtype.itemsize == 1:  # JAX's paged attention takes 16-bit pages only
         return rows
     # Baseline: JAX's Pallas GPU paged attention (decode only) on the same pages.
     from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
@@ -201,9 +194,7 @@ def bench_extend(rng, ceil, S: int, new: int, prefix: int, sweep: bool, hopper: 
     for config, kernel, settings in configs:
         fn = jax.jit(functools.partial(kernel, max_q_len=new, page_size=G, scale=SCALE, **settings))
         rows.append(_measure(case, config, fn, args, ref, floor, ("tflop_s", flops / 1e12)))
-    if (
-        prefix == 0 and k.dtype.itemsize == 2
-    ):  # cuDNN's fused causal attention on contiguous K/V: a dense baseline
+    if prefix == 0 and k.dtype.itemsize == 2:  # cuDNN's fused causal attention, dense K/V
         slots = [(table[s][:, None] * G + jnp.arange(G)).reshape(-1) for s in range(S)]
         kd = jnp.stack([k[0][:, sl] for sl in slots])  # [S, K, C, H]
         vd = jnp.stack([v[0][:, sl] for sl in slots])
