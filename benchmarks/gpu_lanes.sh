@@ -28,8 +28,11 @@
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache.
-#   tp4-profile  bench_one_batch at TP 4 (batch 128, eight steps a launch) with a trace of its
-#              decode launches, then the same at TP 1 on card 0; each trace summed by kernel kind.
+#   tp4-profile  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) with a trace of
+#              its decode launches, then the same at TP 1 on card 0; each trace summed by kernel
+#              kind.
+#   allreduce  how the cards are linked, then a decode step's chain of 64 all-reduces alone at
+#              TP 2 and 4 (allreduce_bench.py), under XLA's and NCCL's ways of all-reducing.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
 #              compare SERVER_ARGS; MT_LIMIT sets the first three's time limit, MT_TP4=0
 #              leaves TP 4 out.
@@ -231,7 +234,7 @@ kernels8() {
 }
 
 tp4-profile() {
-    local args=(--batch-size 128 --input-len 1024 --output-len 16 --num-continuous-decode-steps 8
+    local args=(--batch-size 1 128 --input-len 1024 --output-len 16 --num-continuous-decode-steps 8
         --profile --result-file "$OUT/one_batch_profile.jsonl")
     JAXSGL_PROFILER_DIR="$OUT/traces" run one_batch_tp4_profile 150 0,1,2,3 \
         python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 "${args[@]}"
@@ -243,6 +246,23 @@ tp4-profile() {
         echo "--- $trace"
         python benchmarks/trace_summary.py "$trace"
     done
+}
+
+allreduce() {
+    nvidia-smi topo -m > "$OUT/topology.txt" 2>&1
+    cat "$OUT/topology.txt"
+    local ar=(python benchmarks/allreduce_bench.py --tp-size 2 4 --batch-size 1 128 256
+        --out "$OUT/allreduce.jsonl")
+    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+    run ar_default 90 0,1,2,3 "${ar[@]}" --label default
+    NCCL_PROTO=LL run ar_ll 90 0,1,2,3 "${ar[@]}" --label nccl-LL
+    NCCL_PROTO=LL128 run ar_ll128 90 0,1,2,3 "${ar[@]}" --label nccl-LL128
+    XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
+        run ar_oneshot 90 0,1,2,3 "${ar[@]}" --label one-shot
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph,COLLECTIVES \
+        run ar_graph 90 0,1,2,3 "${ar[@]}" --label graph
+    local log
+    for log in "$OUT"/ar_*.log; do tail -n 7 "$log"; done
 }
 
 four-2() {
@@ -296,4 +316,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
