@@ -30,11 +30,14 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 def chain(mesh: Mesh, layers: int, reduce: bool):
     """jit of `x -> x` through `layers` layers of two (all-reduce after multiply) each."""
 
+    tp = mesh.shape["tensor"]
+
     def body(x, scales):
         for s in (scales[0], scales[1]):
-            x = x * s
             if reduce:
-                x = jax.lax.psum(x, "tensor")
+                x = jax.lax.psum(x * s, "tensor")
+            else:
+                x = x * (s * tp)
         return x, None
 
     def local(x, scales):

@@ -31,6 +31,9 @@
 #   tp4-profile  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) with a trace of
 #              its decode launches, then the same at TP 1 on card 0; each trace summed by kernel
 #              kind.
+#   tp4-variants  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) as it is, with
+#              XLA's one-shot all-reduce, with the layer loop and its collectives in CUDA graphs,
+#              and with the layers unrolled.
 #   allreduce  how the cards are linked, then a decode step's chain of 64 all-reduces alone at
 #              TP 2 and 4 (allreduce_bench.py), under XLA's and NCCL's ways of all-reducing.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
@@ -248,6 +251,21 @@ tp4-profile() {
     done
 }
 
+tp4-variants() {
+    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
+        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
+    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+    run tp4_base 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_base.jsonl"
+    XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
+        run tp4_oneshot 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_oneshot.jsonl"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph,COLLECTIVES \
+        run tp4_graph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_graph.jsonl"
+    run tp4_unrolled 200 0,1,2,3 "${args[@]}" --layers unrolled \
+        --result-file "$OUT/tp4_unrolled.jsonl"
+    local log
+    for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
+}
+
 allreduce() {
     nvidia-smi topo -m > "$OUT/topology.txt" 2>&1
     cat "$OUT/topology.txt"
@@ -316,4 +334,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
