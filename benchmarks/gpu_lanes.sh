@@ -34,6 +34,8 @@
 #   tp4-variants  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) as it is, with
 #              XLA's one-shot all-reduce, with the layer loop and its collectives in CUDA graphs,
 #              and with the layers unrolled.
+#   tp4-launch  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) without XLA's
+#              command buffers, with synchronous collectives, and both; then a trace at batch 1.
 #   allreduce  how the cards are linked, then a decode step's chain of 64 all-reduces alone at
 #              TP 2 and 4 (allreduce_bench.py), under XLA's and NCCL's ways of all-reducing.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
@@ -266,6 +268,22 @@ tp4-variants() {
     for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
 }
 
+tp4-launch() {
+    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
+        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
+    local sync=--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= \
+        run tp4_nograph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nograph.jsonl"
+    XLA_FLAGS=$sync run tp4_sync 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_sync.jsonl"
+    XLA_FLAGS="--xla_gpu_enable_command_buffer= $sync" \
+        run tp4_nograph_sync 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nograph_sync.jsonl"
+    local log
+    for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
+    JAXSGL_PROFILER_DIR="$OUT/traces" run tp4_bs1_profile 120 0,1,2,3 \
+        python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 \
+        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8 --profile
+}
+
 allreduce() {
     nvidia-smi topo -m > "$OUT/topology.txt" 2>&1
     cat "$OUT/topology.txt"
@@ -334,4 +352,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, tp4-launch, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
