@@ -36,6 +36,9 @@
 #              and with the layers unrolled.
 #   tp4-launch  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) without XLA's
 #              command buffers, with synchronous collectives, and both; then a trace at batch 1.
+#   tp4-nccl   bench_one_batch at TP 4 with NCCL's all-reduces in place of XLA's Triton kernel,
+#              then also with the layer loop, its collectives included, in CUDA graphs; the
+#              all-reduce chain alone under both.
 #   allreduce  how the cards are linked, then a decode step's chain of 64 all-reduces alone at
 #              TP 2 and 4 (allreduce_bench.py), under XLA's and NCCL's ways of all-reducing.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
@@ -284,6 +287,24 @@ tp4-launch() {
         --input-len 1024 --output-len 16 --num-continuous-decode-steps 8 --profile
 }
 
+tp4-nccl() {
+    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
+        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
+    local nccl=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false
+    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+    local ar=(python benchmarks/allreduce_bench.py --tp-size 4 --batch-size 1 256
+        --out "$OUT/allreduce.jsonl")
+    XLA_FLAGS=$nccl run ar_nccl 90 0,1,2,3 "${ar[@]}" --label nccl
+    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$graph,COLLECTIVES" \
+        run ar_nccl_graph 90 0,1,2,3 "${ar[@]}" --label nccl-graph
+    XLA_FLAGS=$nccl run tp4_nccl 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nccl.jsonl"
+    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$graph,COLLECTIVES" \
+        run tp4_nccl_graph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nccl_graph.jsonl"
+    local log
+    for log in "$OUT"/ar_*.log; do tail -n 3 "$log"; done
+    for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
+}
+
 allreduce() {
     nvidia-smi topo -m > "$OUT/topology.txt" 2>&1
     cat "$OUT/topology.txt"
@@ -352,4 +373,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, tp4-launch, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, tp4-launch, tp4-nccl, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
