@@ -100,15 +100,14 @@ def paged_decode_attention(
     scale: float,
     pages_per_block: int | None = None,
     num_splits: int | None = None,
-    num_warps: int | None = None,
+    num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool = False,
 ) -> jax.Array:
     """Attention of each sequence's one new query over its first `seq_lens[s]` keys; `[S, N, H]`.
 
     The new token's key and value must already be in the pool. A sequence with `seq_lens` 0
-    (padding) gets zeros. `num_splits` (split-K) defaults to enough programs to fill a GPU;
-    `num_warps` to `default_num_warps(k_pool.dtype)`.
+    (padding) gets zeros. `num_splits` (split-K) defaults to enough programs to fill a GPU.
     """
     S, N, H = q.shape
     K = check_pool(k_pool, v_pool, page_size, q)
@@ -134,8 +133,6 @@ def paged_decode_attention(
     pages_per_split = cdiv(blocks, num_splits) * pages_per_block
     page_table = pad_to(page_table, 1, pages_per_split * num_splits)  # [S, P']
 
-    if num_warps is None:
-        num_warps = default_num_warps(k_pool.dtype)
     R = N // K
     Rp = pow2_at_least(R, 16)  # a matmul needs at least 16 rows
     qw = widened_queries(q, k_pool.dtype)
@@ -181,17 +178,6 @@ def paged_decode_attention(
     )
     out = combine_splits(o, lse)  # [S, K, Rp, H]
     return out[:, :, :R].reshape(S, N, H).astype(q.dtype)
-
-
-def default_num_warps(pool_dtype) -> int:
-    """Warps a program: four over a 16-bit pool, two over an 8-bit one.
-
-    An 8-bit block is half the bytes to load and widen, and four warps left the loads of an
-    8-bit pool at about two thirds of a 16-bit pool's bandwidth. Swept on an H200 (Llama-3-8B
-    heads, page 16; `benchmarks/RESULTS.md`): batch 64 at 2048 tokens took 0.132 ms with two
-    warps against 0.183 ms with four; batch 4 at 16384 tokens, 0.141 against 0.138 ms.
-    """
-    return 2 if jnp.dtype(pool_dtype).itemsize == 1 else 4
 
 
 def combine_splits(o: jax.Array, lse: jax.Array) -> jax.Array:
