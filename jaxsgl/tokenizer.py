@@ -174,14 +174,14 @@ def _load_hf_folder(folder: Path) -> PreTrainedTokenizerFast:
 
 def _load_gguf(path: Path) -> PreTrainedTokenizerFast:
     # Only GGUF files need these (and transformers moved its GGUF mapping between releases).
-    import gguf
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
+    from jaxsgl.model.gguf_file import read_gguf
+
     try:
-        reader = gguf.GGUFReader(path)
+        _, fields = read_gguf(path)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot read {str(path)!r} as GGUF: {e}") from e
-    fields = {name: field.contents() for name, field in reader.fields.items()}
     if "tokenizer.ggml.tokens" not in fields:
         raise ValueError(f"GGUF {str(path)!r} has no tokenizer (no tokenizer.ggml.tokens)")
     tokenizer_dict = _renamed_fields(fields, "tokenizer")  # {"tokens": [...], "merges": ...}

@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as T
 from transformers.integrations.gguf.dequant import dequantize as torch_dequantize
 
 from jaxsgl.config import ModelConfig
+from jaxsgl.model import gguf_file
 from jaxsgl.model.gguf_file import SUPPORTED_GGUF_TYPES, GGUFCheckpoint, dequantize
 
 # Types `gguf.quants.quantize` can write, with the largest error we accept relative to max |x|:
@@ -221,6 +222,28 @@ def test_hf_config_from_metadata(tmp_path):
         "model.layers.0.mlp.up_proj.weight",
         "lm_head.weight",
     ]
+
+
+def test_a_file_is_parsed_once_until_it_changes(tmp_path):
+    """The model and its tokenizer, and every engine of a process, share one parse of a file;
+    a file written again is parsed again, and a caller's lists are its own."""
+    tokens = ("tokenizer.ggml.tokens", (list("abcdefgh"), gguf.GGUFValueType.ARRAY))
+    path = write_gguf(tmp_path / "m.gguf", {}, **dict([tokens]))
+    before = gguf_file._parsed.cache_info()
+    first = GGUFCheckpoint.open(path)
+    first.metadata["tokenizer.ggml.tokens"].append("mine")
+    second = GGUFCheckpoint.open(path)
+    after = gguf_file._parsed.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    assert second.metadata["tokenizer.ggml.tokens"] == list("abcdefgh")
+
+    path.unlink()
+    name = ("general.name", ("again", gguf.GGUFValueType.STRING))
+    write_gguf(path, {}, heads=8, kv_heads=4, **dict([tokens, name]))
+    third = GGUFCheckpoint.open(path)
+    assert gguf_file._parsed.cache_info().misses - after.misses == 1
+    assert third.hf_config()["num_attention_heads"] == 8
+    assert first.hf_config()["num_attention_heads"] == 4
 
 
 # --- the real SmolLM2 GGUF against transformers' loader ---------------------------------------

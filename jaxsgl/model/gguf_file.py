@@ -12,6 +12,7 @@ Metadata becomes an HF `config.json`-style dict for `jaxsgl.config.ModelConfig.f
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -109,6 +110,27 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
+def read_gguf(path: str | os.PathLike[str]) -> tuple[gguf.GGUFReader, dict[str, Any]]:
+    """The file at `path` parsed: its reader (tensors memory-mapped) and its metadata values.
+
+    Parsing is most of the time it takes to open a GGUF (the reader visits every element of the
+    vocabulary's arrays: about 4.5 s for SmolLM2's 49k tokens and merges), and both the model
+    and its tokenizer read the file. The parse is kept per file, keyed by its path, size, inode
+    and modification time, so the second reader and every later engine in the process skip it.
+    Lists are copied for each caller, which may change its own.
+    """
+    st = os.stat(path)
+    key = (str(Path(path).resolve()), st.st_size, st.st_ino, st.st_mtime_ns)
+    reader, fields = _parsed(*key)
+    return reader, {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
+@functools.lru_cache(maxsize=4)
+def _parsed(path: str, size: int, inode: int, mtime_ns: int) -> tuple[gguf.GGUFReader, dict]:
+    reader = gguf.GGUFReader(path)
+    return reader, {name: _field_value(field) for name, field in reader.fields.items()}
+
+
 def _field_value(field: Any) -> Any:
     value = field.contents()
     if field.types == [GGUFValueType.FLOAT32]:
@@ -131,8 +153,7 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ValueError(f"{self.path}: GGUF file not found")
         try:
-            reader = gguf.GGUFReader(self.path)
-            self.metadata: dict[str, Any] = {k: _field_value(f) for k, f in reader.fields.items()}
+            reader, self.metadata = read_gguf(self.path)
         except Exception as e:  # the reader reports bad bytes as whatever numpy raised
             raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
         if reader.byte_order != "I":
