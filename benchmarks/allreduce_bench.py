@@ -34,19 +34,14 @@ def chain(mesh: Mesh, layers: int, reduce: bool):
 
     def body(x, scales):
         for s in (scales[0], scales[1]):
-            if reduce:
-                x = jax.lax.psum(x * s, "tensor")
-            else:
-                x = x * (s * tp)
+            x = jax.lax.psum(x * s, "tensor") if reduce else x * (s * tp)
         return x, None
 
     def local(x, scales):
         return jax.lax.scan(body, x, scales)[0]
 
     spec = PartitionSpec()
-    f = jax.shard_map(
-        local, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False
-    )
+    f = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec, check_vma=False)
     return jax.jit(f)
 
 
@@ -107,12 +102,16 @@ def main(argv=None) -> None:
         with open(args.out, "a") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-    print(f"{'label':<12} {'tp':>3} {'batch':>6} {'KiB':>6} {'program ms':>11} "
-          f"{'w/o ms':>8} {'AR µs':>8} {'step ms':>8}")
+    print(
+        f"{'label':<12} {'tp':>3} {'batch':>6} {'KiB':>6} {'program ms':>11} "
+        f"{'w/o ms':>8} {'AR µs':>8} {'step ms':>8}"
+    )
     for r in rows:
-        print(f"{r['label']:<12} {r['tp']:>3} {r['batch']:>6} {r['bytes'] / 1024:>6.0f} "
-              f"{r['program_ms']:>11.3f} {r['without_ms']:>8.3f} {r['all_reduce_us']:>8.1f} "
-              f"{r['step_ms']:>8.2f}")
+        print(
+            f"{r['label']:<12} {r['tp']:>3} {r['batch']:>6} {r['bytes'] / 1024:>6.0f} "
+            f"{r['program_ms']:>11.3f} {r['without_ms']:>8.3f} {r['all_reduce_us']:>8.1f} "
+            f"{r['step_ms']:>8.2f}"
+        )
 
 
 if __name__ == "__main__":
