@@ -2,9 +2,10 @@
 
 The mesh has axes `("data", "tensor")`. Tensor parallelism splits q/k/v/gate/up by columns
 (heads, ffn) and o/down by rows, so each layer needs one all-reduce after attention and one after
-the MLP; XLA inserts them from these shardings. Embedding and LM head are split over the vocab.
-When there are fewer kv heads than tensor shards, each kv head is repeated so every shard holds
-the kv head its query heads read (`kv_head_repeats`).
+the MLP; XLA inserts them from these shardings. q/k/v are one weight split over kv heads (each
+with its query heads), gate/up one split over the ffn (`jaxsgl.model.llama`). Embedding and LM
+head are split over the vocab. When there are fewer kv heads than tensor shards, each kv head is
+repeated so every shard holds the kv head its query heads read (`kv_head_repeats`).
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def model_rules(cfg: ModelConfig, mesh: Mesh) -> ShardingRules:
         {
             "vocab": "tensor",
             "q_heads": "tensor" if heads_split else None,
+            # Also splits the fused q/k/v weight: where kv heads stay whole, so do the query
+            # heads fused with them, and "q_heads" splits only o's rows.
             "kv_heads": "tensor" if heads_split and cfg.num_kv_heads % tp == 0 else None,
             "mlp": "tensor",
             "embed": None,

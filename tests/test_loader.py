@@ -85,13 +85,30 @@ def test_missing_tensor_is_named(tmp_path, tiny_folder):
         load_model(tmp_path)
 
 
+def test_tensor_of_the_wrong_shape_is_named_with_those_fused_with_it(tmp_path, tiny_folder):
+    from safetensors.numpy import load_file, save_file
+
+    for f in tiny_folder.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(tmp_path / "model.safetensors")
+    attn = "model.layers.1.self_attn."
+    tensors[attn + "k_proj.weight"] = tensors[attn + "k_proj.weight"][:8]  # 1 kv head of 2
+    save_file(tensors, tmp_path / "model.safetensors")
+    expected = (
+        rf"tensors '{attn}q_proj.weight' \(64, 64\), '{attn}k_proj.weight' \(8, 64\), "
+        rf"'{attn}v_proj.weight' \(16, 64\) do not fit the config \(expected \(64, 2, 6, 8\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        load_model(tmp_path)
+
+
 def test_dtypes(tiny_folder):
     f32 = load_model(tiny_folder, progress=False)
     assert f32.dtype == jnp.float32  # the checkpoint's own dtype under `auto`
     bf16 = load_model(tiny_folder, dtype="bfloat16", progress=False)
     half = load_model(tiny_folder, dtype="half", progress=False)
-    assert bf16.model.layers.wq[...].dtype == jnp.bfloat16
-    assert half.model.layers.w_up[...].dtype == jnp.float16
+    assert bf16.model.layers.w_qkv[...].dtype == jnp.bfloat16
+    assert half.model.layers.w_gate_up[...].dtype == jnp.float16
     ref = _seq_logits(f32)
     for low in (bf16, half):
         got = _seq_logits(low)
@@ -113,7 +130,7 @@ def test_orbax_round_trip_onto_another_mesh(tmp_path, tiny_folder):
     out = save_converted(original, tmp_path / "converted")
     assert loader.detect_format(out) == "orbax"
     restored = load_model(out, mesh=sharding.make_mesh(2))
-    assert restored.model.layers.wq[...].sharding.spec[2] == "tensor"
+    assert restored.model.layers.w_qkv[...].sharding.spec[2] == "tensor"
     np.testing.assert_allclose(_seq_logits(restored), _seq_logits(original), atol=1e-4)
     with pytest.raises(ValueError, match="already holds a converted model"):
         save_converted(original, out)

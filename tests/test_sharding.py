@@ -34,14 +34,15 @@ def test_tensor_parallel_logits_match_single_device(gqa4_folder, tp):
     loaded, got = _logits(gqa4_folder, tp)
     np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)
     layers = loaded.model.layers
-    # The split is real: q heads and the MLP live on `tp` devices in different pieces.
-    assert layers.wq[...].sharding.spec[2] == "tensor"
-    assert layers.w_gate[...].sharding.spec[2] == "tensor"
+    # The split is real: attention heads and the MLP live on `tp` devices in different pieces.
+    assert layers.w_qkv[...].sharding.spec[2] == "tensor"
+    assert layers.wo[...].sharding.spec[1] == "tensor"
+    assert layers.w_gate_up[...].sharding.spec[3] == "tensor"
     assert layers.w_down[...].sharding.spec[1] == "tensor"
-    assert len({str(s.index) for s in layers.wq[...].addressable_shards}) == tp
-    # kv heads are replicated up to the tensor size when there are fewer of them.
-    assert layers.wk[...].shape[2] == max(2, tp)
-    assert layers.wk[...].sharding.spec[2] == "tensor"
+    assert len({str(s.index) for s in layers.w_qkv[...].addressable_shards}) == tp
+    # kv heads are replicated up to the tensor size when there are fewer of them; the 8 query
+    # heads are shared out over the copies.
+    assert layers.w_qkv[...].shape[2:4] == (max(2, tp), 8 // max(2, tp) + 2)
 
 
 def test_qwen2_bias_under_tensor_parallel(tmp_path):
@@ -49,7 +50,7 @@ def test_qwen2_bias_under_tensor_parallel(tmp_path):
     _, base = _logits(tmp_path, 1)
     loaded, got = _logits(tmp_path, 4)
     np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)
-    assert loaded.model.layers.bk[...].sharding.spec[1] == "tensor"
+    assert loaded.model.layers.b_qkv[...].sharding.spec[1] == "tensor"
 
 
 def test_heads_not_divisible_fall_back_to_replicated_attention():
@@ -98,5 +99,5 @@ def test_dummy_weights_are_one_model_at_every_tensor_size(tmp_path, variant):
     _, base = _logits(tmp_path, 1, load_format="dummy", dtype="float32")
     for tp in (4, 8):
         loaded, got = _logits(tmp_path, tp, load_format="dummy", dtype="float32")
-        assert loaded.model.layers.wk[...].shape[2] == tp  # repeated kv heads
+        assert loaded.model.layers.w_qkv[...].shape[2] == tp  # repeated kv heads
         np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)

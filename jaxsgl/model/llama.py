@@ -4,10 +4,17 @@ Dimension letters, used in shape comments, einsum strings and logical axis names
   T tokens (ragged, all sequences of a step packed back to back)   S sequences
   D model dim   N q heads   K kv heads   R q heads per kv head   H head dim   F ffn dim
   V vocab   L layers   P pages   G page size   C context slots (P·G)   Q queries per sequence
+  J one kv group's projections (R q heads, then k, then v: R + 2)   A gate/up pair (2)
 
 Activations are token-major: a step carries `[T, D]` whatever mix of sequences it holds, so the
 engine can batch requests of different lengths in one call. Layer weights are stacked on a
 leading L axis and run under `lax.scan`, which keeps compile time flat in depth.
+
+Projections that read the same input are fused when the weights load: q/k/v are one weight
+`[L, D, K, J, H]` and gate/up one `[L, D, A, F]`, so a layer runs one GEMM for each on every card.
+The axis tensor parallelism splits (K, F) stays an axis of its own, so each card's shard is a
+fused weight in itself: q, k and v of its kv groups, gate and up of its slice of F. (Fusing at
+run time, XLA's dot merger, copies the weights every layer and step: see `jaxsgl.xla_flags`.)
 
 Every parameter carries `logical_axes` metadata; `jaxsgl.sharding` maps those names to mesh axes.
 """
@@ -51,19 +58,27 @@ class LlamaLayers(nnx.Module):
             cfg.intermediate_size,
         )
         self.attn_norm = _ones((L, D), ("layers", "embed"), dtype)
-        self.wq = _param(rngs, (L, D, N, H), ("layers", "embed", "q_heads", "head_dim"), dtype, D)
-        self.wk = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, D)
-        self.wv = _param(rngs, (L, D, K, H), ("layers", "embed", "kv_heads", "head_dim"), dtype, D)
+        # Kv group g: its R query heads (HF heads g·R … g·R+R-1), then its key, then its value.
+        # K counts the device model's kv heads: where `sharded_config` replicates them, each
+        # copy's group holds its share of the original group's query heads (`weights._fuse_qkv`).
+        R = N // K
+        self.w_qkv = _param(
+            rngs,
+            (L, D, K, R + 2, H),
+            ("layers", "embed", "kv_heads", None, "head_dim"),
+            dtype,
+            D,
+        )
         self.wo = _param(
             rngs, (L, N, H, D), ("layers", "q_heads", "head_dim", "embed"), dtype, N * H
         )
         if cfg.attention_bias:
-            self.bq = _param(rngs, (L, N, H), ("layers", "q_heads", "head_dim"), dtype, D)
-            self.bk = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype, D)
-            self.bv = _param(rngs, (L, K, H), ("layers", "kv_heads", "head_dim"), dtype, D)
+            self.b_qkv = _param(
+                rngs, (L, K, R + 2, H), ("layers", "kv_heads", None, "head_dim"), dtype, D
+            )
         self.mlp_norm = _ones((L, D), ("layers", "embed"), dtype)
-        self.w_gate = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dtype, D)
-        self.w_up = _param(rngs, (L, D, F), ("layers", "embed", "mlp"), dtype, D)
+        # A: 0 gate, 1 up. Split over F, a shard holds gate and up of its slice of F.
+        self.w_gate_up = _param(rngs, (L, D, 2, F), ("layers", "embed", None, "mlp"), dtype, D)
         self.w_down = _param(rngs, (L, F, D), ("layers", "mlp", "embed"), dtype, F)
 
 
@@ -126,11 +141,12 @@ def decoder_layer(
     """Layer `l` on `x [T, D]`; `w` is its slice of the stacked weights. The step's K/V go
     into the whole pool (only T rows written), which is returned."""
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
-    q = jnp.einsum("TD,DNH->TNH", h, w["wq"])  # [T, N, H]
-    k = jnp.einsum("TD,DKH->TKH", h, w["wk"])  # [T, K, H]
-    v = jnp.einsum("TD,DKH->TKH", h, w["wv"])  # [T, K, H]
-    if "bq" in w:
-        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    R = cfg.num_heads // cfg.num_kv_heads
+    qkv = jnp.einsum("TD,DKJH->TKJH", h, w["w_qkv"])  # [T, K, J, H]
+    if "b_qkv" in w:
+        qkv = qkv + w["b_qkv"]
+    q = qkv[:, :, :R].reshape(x.shape[0], cfg.num_heads, cfg.head_dim)  # [T, N, H], HF order
+    k, v = qkv[:, :, R], qkv[:, :, R + 1]  # [T, K, H] each
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     kv = KVPool(
         k=attention.write_kv(kv.k, l, k, batch.write_slots),
@@ -140,9 +156,9 @@ def decoder_layer(
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
 
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
-    gate = jnp.einsum("TD,DF->TF", h, w["w_gate"])  # [T, F]
-    up = jnp.einsum("TD,DF->TF", h, w["w_up"])  # [T, F]
-    return x + jnp.einsum("TF,FD->TD", jax.nn.silu(gate) * up, w["w_down"]), kv
+    gate_up = jnp.einsum("TD,DAF->TAF", h, w["w_gate_up"])  # [T, 2, F]
+    act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]  # [T, F]
+    return x + jnp.einsum("TF,FD->TD", act, w["w_down"]), kv
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:

@@ -174,11 +174,6 @@ def _build(
     return LoadedModel(nnx.merge(graphdef, state), cfg, mesh, dtype, path)
 
 
-# Parameters with a kv-head axis (after the stacked-layer axis), repeated like a checkpoint's
-# when the tensor size exceeds the kv heads (`sharding.kv_head_repeats`).
-_KV_HEAD_AXES = {"wk": 2, "wv": 2, "bk": 1, "bv": 1}
-
-
 def _random_params(cfg: ModelConfig, model_cfg: ModelConfig, dtype, shardings, seed: int) -> dict:
     """Random weights of the model's own shape `cfg`, kv heads then repeated up to the device
     config's: one seed gives one model at every tensor size. Generated on the devices, each
@@ -189,12 +184,23 @@ def _random_params(cfg: ModelConfig, model_cfg: ModelConfig, dtype, shardings, s
     def init():
         params = nnx.to_pure_dict(nnx.state(Llama(cfg, dtype=dtype, rngs=nnx.Rngs(seed))))
         layers = params["layers"]
-        for name, axis in _KV_HEAD_AXES.items():
+        for name in ("w_qkv", "b_qkv"):
             if repeats > 1 and name in layers:
-                layers[name] = jnp.repeat(layers[name], repeats, axis=axis)
+                layers[name] = _repeat_kv_heads(layers[name], repeats)
         return params
 
     return init()
+
+
+def _repeat_kv_heads(qkv: jax.Array, r: int) -> jax.Array:
+    """A fused q/k/v parameter `[..., K, J, H]` with each kv head repeated r times: `[..., K·r,
+    J', H]`, each copy's group with the next R/r query heads (the layout `weights._fuse_qkv`
+    builds from a checkpoint's tensors)."""
+    *lead, K, J, H = qkv.shape
+    R = J - 2
+    q = qkv[..., :R, :].reshape(*lead, K * r, R // r, H)
+    kv = jnp.repeat(qkv[..., R:, :], r, axis=-3)  # [..., K·r, 2, H]: kv heads [a b] -> [a a b b]
+    return jnp.concatenate([q, kv], axis=-2)
 
 
 def _checkpoint_params(cfg, state, shardings, source, mesh, progress) -> dict:

@@ -3,7 +3,8 @@
 Every checkpoint source — a safetensors folder, a GGUF file — offers the same small interface
 (`path`, `hf_config()`, `names()`, `get(name)`), with tensors under their Hugging Face names and
 in Hugging Face layouts (linear weights `[out, in]`). `PARAM_SOURCES` is the one table saying
-which HF tensor fills which parameter and how it is reshaped.
+which HF tensors fill which parameter and how they are laid out: q/k/v and gate/up are fused
+into one parameter each (see `jaxsgl.model.llama`).
 """
 
 from __future__ import annotations
@@ -94,56 +95,72 @@ def _safetensors_names(file: Path) -> list[str]:
     return list(header)
 
 
-Transform = Callable[[np.ndarray, ModelConfig, int], np.ndarray]
+# (config, kv-head repeats, the HF tensors in table order) -> the parameter of one layer.
+Transform = Callable[..., np.ndarray]
 
 
-def _same(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
+def _same(cfg: ModelConfig, r: int, w: np.ndarray) -> np.ndarray:
     return w
 
 
-def _t(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
+def _t(cfg: ModelConfig, r: int, w: np.ndarray) -> np.ndarray:
     return w.T  # HF [out, in] -> [in, out]
 
 
-def _q(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
-    return w.T.reshape(cfg.hidden_size, cfg.num_heads, cfg.head_dim)  # [D, N, H]
-
-
-def _kv(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
-    w = w.T.reshape(cfg.hidden_size, cfg.num_kv_heads, cfg.head_dim)  # [D, K, H]
-    return np.repeat(w, r, axis=1)  # kv heads [a b] -> [a a b b] when r = 2
-
-
-def _o(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
+def _o(cfg: ModelConfig, r: int, w: np.ndarray) -> np.ndarray:
     return w.T.reshape(cfg.num_heads, cfg.head_dim, cfg.hidden_size)  # [N, H, D]
 
 
-def _bq(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
-    return w.reshape(cfg.num_heads, cfg.head_dim)  # [N, H]
+def _fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
+    """q `[..., N·H]`, k and v `[..., K·H]` (HF heads on the last axis) -> `[..., K·r, J, H]`.
+
+    Each kv head is repeated r times (`sharding.kv_head_repeats`) and every copy's group holds
+    the next N/(K·r) query heads in HF order, then the key, then the value. HF query head n
+    reads kv head n // (N/K); in the fused layout it sits in the group of copy n // (N/(K·r)),
+    which is a copy of that kv head. Example, 8 q heads over kv heads a and b, r = 2: groups
+    [q0 q1 ka va] [q2 q3 ka va] [q4 q5 kb vb] [q6 q7 kb vb]; with r = 1, [q0..q3 ka va]
+    [q4..q7 kb vb]. Shard s of a split over K then holds the same query heads as shard s of
+    a split over N, with the kv head they read.
+    """
+    lead, H, K = q.shape[:-1], cfg.head_dim, cfg.num_kv_heads * r
+    q = q.reshape(*lead, K, cfg.num_heads // K, H)
+    k, v = (np.repeat(w.reshape(*lead, cfg.num_kv_heads, 1, H), r, axis=-3) for w in (k, v))
+    return np.concatenate([q, k, v], axis=-2)
 
 
-def _bkv(w: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
-    return np.repeat(w.reshape(cfg.num_kv_heads, cfg.head_dim), r, axis=0)  # [K, H]
+def _qkv(cfg: ModelConfig, r: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return _fuse_qkv(q.T, k.T, v.T, cfg, r)  # [D, K, J, H]
+
+
+def _b_qkv(cfg: ModelConfig, r: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return _fuse_qkv(q, k, v, cfg, r)  # [K, J, H]
+
+
+def _gate_up(cfg: ModelConfig, r: int, gate: np.ndarray, up: np.ndarray) -> np.ndarray:
+    return np.stack([gate.T, up.T], axis=1)  # [D, 2, F]
 
 
 _LAYER = "model.layers.{i}."
-# param path -> (HF tensor name, transform); "{i}" marks a per-layer tensor stacked on axis 0.
-PARAM_SOURCES: dict[tuple[str, ...], tuple[str, Transform]] = {
-    ("embed",): ("model.embed_tokens.weight", _same),
-    ("final_norm",): ("model.norm.weight", _same),
-    ("lm_head",): ("lm_head.weight", _t),
-    ("layers", "attn_norm"): (_LAYER + "input_layernorm.weight", _same),
-    ("layers", "mlp_norm"): (_LAYER + "post_attention_layernorm.weight", _same),
-    ("layers", "wq"): (_LAYER + "self_attn.q_proj.weight", _q),
-    ("layers", "wk"): (_LAYER + "self_attn.k_proj.weight", _kv),
-    ("layers", "wv"): (_LAYER + "self_attn.v_proj.weight", _kv),
-    ("layers", "wo"): (_LAYER + "self_attn.o_proj.weight", _o),
-    ("layers", "bq"): (_LAYER + "self_attn.q_proj.bias", _bq),
-    ("layers", "bk"): (_LAYER + "self_attn.k_proj.bias", _bkv),
-    ("layers", "bv"): (_LAYER + "self_attn.v_proj.bias", _bkv),
-    ("layers", "w_gate"): (_LAYER + "mlp.gate_proj.weight", _t),
-    ("layers", "w_up"): (_LAYER + "mlp.up_proj.weight", _t),
-    ("layers", "w_down"): (_LAYER + "mlp.down_proj.weight", _t),
+_ATTN, _MLP = _LAYER + "self_attn.", _LAYER + "mlp."
+# param path -> (HF tensor names, transform taking those tensors in that order); "{i}" marks
+# per-layer tensors, each layer's parameter stacked on axis 0.
+PARAM_SOURCES: dict[tuple[str, ...], tuple[tuple[str, ...], Transform]] = {
+    ("embed",): (("model.embed_tokens.weight",), _same),
+    ("final_norm",): (("model.norm.weight",), _same),
+    ("lm_head",): (("lm_head.weight",), _t),
+    ("layers", "attn_norm"): ((_LAYER + "input_layernorm.weight",), _same),
+    ("layers", "mlp_norm"): ((_LAYER + "post_attention_layernorm.weight",), _same),
+    ("layers", "w_qkv"): (
+        (_ATTN + "q_proj.weight", _ATTN + "k_proj.weight", _ATTN + "v_proj.weight"),
+        _qkv,
+    ),
+    ("layers", "b_qkv"): (
+        (_ATTN + "q_proj.bias", _ATTN + "k_proj.bias", _ATTN + "v_proj.bias"),
+        _b_qkv,
+    ),
+    ("layers", "wo"): ((_ATTN + "o_proj.weight",), _o),
+    ("layers", "w_gate_up"): ((_MLP + "gate_proj.weight", _MLP + "up_proj.weight"), _gate_up),
+    ("layers", "w_down"): ((_MLP + "down_proj.weight",), _t),
 }
 
 
@@ -160,23 +177,44 @@ def host_params(
     """
     available = source.names()
     for path, (shape, dtype) in wanted.items():
-        template, transform = PARAM_SOURCES[path]
-        names = (
-            [template.format(i=i) for i in range(cfg.num_layers)]
-            if "{i}" in template
-            else [template]
-        )
-        missing = [n for n in names if n not in available]
+        templates, transform = PARAM_SOURCES[path]
+        stacked = "{i}" in templates[0]
+        assert all(("{i}" in t) == stacked for t in templates), templates
+        layers = range(cfg.num_layers) if stacked else [0]
+        groups = [[t.format(i=i) for t in templates] for i in layers]
+        missing = [n for names in groups for n in names if n not in available]
         if missing:
             raise ValueError(f"{source.path}: tensor {missing[0]!r} is missing")
-        parts = [transform(_as_float(source.get(n)), cfg, kv_repeats) for n in names]
-        host = np.stack(parts) if "{i}" in template else parts[0]
-        if host.shape != tuple(shape):
-            raise ValueError(
-                f"{source.path}: tensor {names[0]!r} has shape {source.get(names[0]).shape}, "
-                f"which does not fit the config (expected {tuple(shape)} after layout)"
-            )
+        one = tuple(shape[1:] if stacked else shape)
+        parts = [_laid_out(source, names, transform, cfg, kv_repeats, one) for names in groups]
+        host = np.stack(parts) if stacked else parts[0]
         yield path, host.astype(dtype)
+
+
+def _laid_out(
+    source: CheckpointSource,
+    names: list[str],
+    transform: Transform,
+    cfg: ModelConfig,
+    kv_repeats: int,
+    shape: tuple[int, ...],
+) -> np.ndarray:
+    """One layer's parameter (or a global one) from its HF tensors, checked against `shape`."""
+    tensors = [_as_float(source.get(n)) for n in names]
+    try:
+        host = transform(cfg, kv_repeats, *tensors)
+    except ValueError:  # a reshape or concatenation that the tensors' shapes do not allow
+        host = None
+    if host is None or host.shape != shape:
+        if len(names) == 1:
+            found = f"tensor {names[0]!r} has shape {tensors[0].shape}, which does"
+        else:
+            shapes = zip(names, tensors, strict=True)
+            found = "tensors " + ", ".join(f"{n!r} {t.shape}" for n, t in shapes) + " do"
+        raise ValueError(
+            f"{source.path}: {found} not fit the config (expected {shape} after layout)"
+        )
+    return host
 
 
 def _as_float(w: np.ndarray) -> np.ndarray:
