@@ -1,5 +1,6 @@
-"""The compiled step writes the KV pool in place: no copy of the pool in any step shape the
-runner makes (a copy costs a pass over the whole pool per step, however small the batch)."""
+"""What XLA makes of the compiled step: the KV pool written in place (no copy of the pool in any
+step shape the runner makes: a copy costs a pass over the whole pool per step, however small the
+batch), and four GEMMs a layer on each card."""
 
 from __future__ import annotations
 
@@ -43,3 +44,38 @@ def test_no_step_copies_the_pool(runner, chunks, decode, num_steps):
     copies = re.findall(rf"= \w+{pool}\S* copy\(", text)
     assert not copies, f"{len(copies)} copies of the pool in the step"
     assert step.batch.page_table.shape[1] >= 2
+
+
+def _layer_loop_body(text: str, num_layers: int) -> list[str]:
+    """The instructions of the compiled loop over the layers: the one that runs `num_layers`
+    times (attention's loop over pages has no trip count known at compile time)."""
+    computations: dict[str, list[str]] = {}
+    lines: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("%") and line.endswith("{"):  # "%name (params) -> result {"
+            lines = computations.setdefault(line.split()[0], [])
+        elif line == "}":
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    trips = f'"known_trip_count":{{"n":"{num_layers}"}}'
+    loops = [line for line in text.splitlines() if " while(" in line and trips in line]
+    assert len(loops) == 1, loops
+    return computations[re.search(r"body=(%[^,\s]+)", loops[0]).group(1)]
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_one_gemm_a_layer_each_for_qkv_o_gate_up_and_down(tmp_path, tp):
+    """q/k/v and gate/up are fused at load time, so a layer runs four GEMMs on each card, not
+    seven; each card's GEMMs have its share of the columns (XLA's dot merger is off, so no
+    fusing happens at run time)."""
+    make_tiny("llama31_tied_gqa4", tmp_path)  # D 64, 8 q and 2 kv heads of 8 dims, F 128
+    loaded = load_model(tmp_path, load_format="dummy", dtype="float32", mesh=make_mesh(tp))
+    runner = ModelRunner(loaded, 257, 16, loaded.config.vocab_size, attention_backend="native")
+    step = runner.prepare([SeqChunk([5], 3, [2])], [GREEDY], True)
+    body = _layer_loop_body(runner.compiled_text(step), loaded.config.num_layers)
+    # "%dot.38 = f32[1,48]{1,0} dot(...)": the columns of each GEMM's [T, columns] result.
+    columns = [int(m[1]) for line in body if (m := re.search(r"\[\d+,(\d+)\]\S* dot\(", line))]
+    assert len(columns) == sum(" dot(" in line for line in body), body
+    qkv = (2 // tp) * (8 // 2 + 2) * 8  # the card's kv groups, each 4 q heads + k + v
+    assert sorted(columns) == sorted([qkv, 64, 2 * 128 // tp, 64])

@@ -5,6 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
+import torch
 from tiny_models import make_tiny
 
 from jaxsgl import sharding
@@ -51,6 +52,20 @@ def test_qwen2_bias_under_tensor_parallel(tmp_path):
     loaded, got = _logits(tmp_path, 4)
     np.testing.assert_allclose(got, base, atol=1e-4, rtol=0)
     assert loaded.model.layers.b_qkv[...].sharding.spec[1] == "tensor"
+
+
+@pytest.mark.parametrize("variant", ["llama3_untied_gqa4", "qwen2_bias"])
+def test_replicated_kv_heads_read_by_their_own_query_heads(tmp_path, variant):
+    """2 kv heads over 4 and 8 devices: each copy of a kv head is fused with a share of the
+    query heads that read it, so the logits are transformers', whose heads are neither fused
+    nor copied (and whose query head n reads kv head n // 4)."""
+    ref = make_tiny(variant, tmp_path)  # 8 q heads, 2 kv heads
+    with torch.no_grad():
+        expected = np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in PROMPTS])
+    for tp in (4, 8):
+        loaded, got = _logits(tmp_path, tp)
+        assert loaded.model.layers.w_qkv[...].shape[2] == tp  # one kv group a device
+        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
 
 
 def test_heads_not_divisible_fall_back_to_replicated_attention():
