@@ -136,6 +136,15 @@ def test_orbax_round_trip_onto_another_mesh(tmp_path, tiny_folder):
         save_converted(original, out)
 
 
+def test_converted_model_of_an_older_layout_asks_to_convert_again(tmp_path, tiny_folder):
+    out = save_converted(load_model(tiny_folder, progress=False), tmp_path / "converted")
+    meta = json.loads((out / "config.json").read_text())
+    del meta[loader.ORBAX_MARKER]["params_version"]  # as written before fused q/k/v, gate/up
+    (out / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="layout version 1, this jaxsgl uses version 2; convert"):
+        load_model(out)
+
+
 def test_dummy_presets_have_their_real_sizes():
     # Abstract only: shapes and parameter counts, no 8B allocation.
     expected = {

@@ -17,6 +17,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxsgl.config import ModelConfig
+from jaxsgl.model.llama import PARAMS_VERSION
 from jaxsgl.model.loader import (
     ORBAX_MARKER,
     LoadedModel,
@@ -44,6 +45,7 @@ def save_converted(loaded: LoadedModel, folder: str | Path, tokenizer=None) -> P
             ORBAX_MARKER: {
                 "dtype": jax.numpy.dtype(loaded.dtype).name,
                 "tensor_size": int(loaded.mesh.shape["tensor"]),
+                "params_version": PARAMS_VERSION,
             }
         },
     )
@@ -58,6 +60,12 @@ def restore_converted(folder: str | Path, *, dtype: str = "auto", mesh: Mesh) ->
     meta = json.loads((folder / "config.json").read_text())
     saved = meta[ORBAX_MARKER]
     cfg = ModelConfig.from_hf_dict(meta, str(folder / "config.json"))
+    version = saved.get("params_version", 1)  # 1: written before the field existed
+    if version != PARAMS_VERSION:
+        raise ValueError(
+            f"{folder}: parameters saved in layout version {version}, this jaxsgl uses "
+            f"version {PARAMS_VERSION}; convert again"
+        )
     if saved["tensor_size"] != int(mesh.shape["tensor"]) and _replicates_kv(cfg, saved, mesh):
         raise ValueError(
             f"{folder}: saved for tensor size {saved['tensor_size']}, whose kv-head layout "

@@ -33,6 +33,10 @@ from jaxsgl.model import attention
 from jaxsgl.model.attention_backend import AttentionBackend
 from jaxsgl.model.forward_batch import ForwardBatch, KVPool
 
+# The version of the parameters' names and layouts. Converted checkpoints record it; one saved
+# in another version has to be converted again. 2: q/k/v and gate/up fused.
+PARAMS_VERSION = 2
+
 
 def _param(
     rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], dtype, fan_in: int
