@@ -64,11 +64,12 @@ def _layer_loop_body(text: str, num_layers: int) -> list[str]:
     return computations[re.search(r"body=(%[^,\s]+)", loops[0]).group(1)]
 
 
-@pytest.mark.parametrize("tp", [1, 2])
+@pytest.mark.parametrize("tp", [1, 2, 4])
 def test_one_gemm_a_layer_each_for_qkv_o_gate_up_and_down(tmp_path, tp):
-    """q/k/v and gate/up are fused at load time, so a layer runs four GEMMs on each card, not
-    seven; each card's GEMMs have its share of the columns (XLA's dot merger is off, so no
-    fusing happens at run time)."""
+    """q/k/v and gate/up are fused at load time, so a decode step's layer runs four GEMMs on
+    each card, not seven, each over the card's share of the columns (XLA's dot merger is off:
+    nothing is fused at run time). The card's q/k/v columns are those its attention heads need,
+    so the only collectives are o's and down's all-reduces."""
     make_tiny("llama31_tied_gqa4", tmp_path)  # D 64, 8 q and 2 kv heads of 8 dims, F 128
     loaded = load_model(tmp_path, load_format="dummy", dtype="float32", mesh=make_mesh(tp))
     runner = ModelRunner(loaded, 257, 16, loaded.config.vocab_size, attention_backend="native")
@@ -77,5 +78,9 @@ def test_one_gemm_a_layer_each_for_qkv_o_gate_up_and_down(tmp_path, tp):
     # "%dot.38 = f32[1,48]{1,0} dot(...)": the columns of each GEMM's [T, columns] result.
     columns = [int(m[1]) for line in body if (m := re.search(r"\[\d+,(\d+)\]\S* dot\(", line))]
     assert len(columns) == sum(" dot(" in line for line in body), body
-    qkv = (2 // tp) * (8 // 2 + 2) * 8  # the card's kv groups, each 4 q heads + k + v
+    kv_heads = max(2, tp)  # repeated up to the tensor size at TP 4
+    qkv = kv_heads // tp * (8 // kv_heads + 2) * 8  # the card's kv groups: q heads, k, v
     assert sorted(columns) == sorted([qkv, 64, 2 * 128 // tp, 64])
+    kinds = r"all-reduce|all-gather|all-to-all|reduce-scatter|collective-permute"
+    collectives = [m[1] for line in body if (m := re.search(rf" ({kinds})(-start)?\(", line))]
+    assert collectives == (["all-reduce"] * 2 if tp > 1 else [])
