@@ -68,6 +68,23 @@ def test_replicated_kv_heads_read_by_their_own_query_heads(tmp_path, variant):
         np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
 
 
+def test_query_heads_that_split_over_kv_heads_that_do_not(tmp_path):
+    """6 q heads over 2 kv heads. TP 3: the kv heads do not split, so the fused q/k/v weight
+    stays whole while o still splits by rows (the ffn of 128 stays whole too). TP 6: each kv
+    head is repeated 3 times, one query head a copy. Both give transformers' logits."""
+    ref = make_tiny("llama_gqa3", tmp_path)
+    with torch.no_grad():
+        expected = np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in PROMPTS])
+    # tp -> (kv heads, slots a kv group: q heads + k + v, how the kv heads split)
+    for tp, (kv_heads, group, split) in {3: (2, 5, None), 6: (6, 3, "tensor")}.items():
+        loaded, got = _logits(tmp_path, tp)
+        layers = loaded.model.layers
+        assert layers.w_qkv[...].shape[2:4] == (kv_heads, group)
+        assert layers.w_qkv[...].sharding.spec[2] == split
+        assert layers.wo[...].sharding.spec[1] == "tensor"
+        np.testing.assert_allclose(got, expected, atol=2e-3, rtol=0)
+
+
 def test_heads_not_divisible_fall_back_to_replicated_attention():
     # SmolLM2's 9 q heads do not split over 2 devices; the MLP still does.
     cfg = dataclasses.replace(PRESETS["smollm2-135m"], num_layers=2)
