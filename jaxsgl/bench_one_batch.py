@@ -39,7 +39,7 @@ from jaxsgl.engine.options import KV_CACHE_DTYPES
 from jaxsgl.model.forward_batch import SeqChunk
 from jaxsgl.model.loader import load_model
 from jaxsgl.model_cost import ModelCost
-from jaxsgl.profiler import DEFAULT_DIR_ENV, TRACE
+from jaxsgl.profiler import DEFAULT_DIR_ENV, TRACE, default_dir
 from jaxsgl.roofline import measure_ceilings, time_call
 from jaxsgl.sampler import RowState
 from jaxsgl.sampling_params import SamplingParams
@@ -165,7 +165,7 @@ def main(argv=None) -> list[dict]:
         help="the start of each case's trace folder name",
     )
     args = p.parse_args(argv)
-    profile_root = os.environ.get(DEFAULT_DIR_ENV, "/tmp/jaxsgl_profile")
+    profile_root = default_dir()
 
     ceil = read_ceilings(args.ceilings) if args.ceilings else measure_ceilings()
     mesh = make_mesh(args.tp_size)

@@ -20,6 +20,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_DIR_ENV = "JAXSGL_PROFILER_DIR"  # where traces go when a request names no folder
 
 
+def default_dir() -> str:
+    """The traces' folder when none is named: $JAXSGL_PROFILER_DIR, else /tmp/jaxsgl_profile."""
+    return os.environ.get(DEFAULT_DIR_ENV, "/tmp/jaxsgl_profile")
+
+
 class TraceSession:
     """The process's one trace: `start`, then `stop` or `num_steps` calls of `after_step`."""
 
@@ -42,7 +47,7 @@ class TraceSession:
             raise ValueError(f"num_steps must be a positive integer, got {num_steps!r}")
         if output_dir is not None and not isinstance(output_dir, str):
             raise ValueError(f"output_dir must be a string, got {output_dir!r}")
-        folder = output_dir or os.environ.get(DEFAULT_DIR_ENV, "/tmp/jaxsgl_profile")
+        folder = output_dir or default_dir()
         with self._lock:
             if self.running:
                 raise ValueError(f"a trace is already running (into {self.output_dir})")

@@ -64,7 +64,8 @@ class LlamaLayers(nnx.Module):
         self.attn_norm = _ones((L, D), ("layers", "embed"), dtype)
         # Kv group g: its R query heads (HF heads g·R … g·R+R-1), then its key, then its value.
         # K counts the device model's kv heads: where `sharded_config` replicates them, each
-        # copy's group holds its share of the original group's query heads (`weights._fuse_qkv`).
+        # copy's group holds its share of the original group's query heads
+        # (`weights.repeat_kv_heads`).
         R = N // K
         self.w_qkv = _param(
             rngs,

@@ -22,7 +22,13 @@ from tqdm.auto import tqdm
 from jaxsgl import sharding
 from jaxsgl.config import ModelConfig, config_for
 from jaxsgl.model.llama import Llama
-from jaxsgl.model.weights import PARAM_SOURCES, CheckpointSource, SafetensorsFolder, host_params
+from jaxsgl.model.weights import (
+    PARAM_SOURCES,
+    CheckpointSource,
+    SafetensorsFolder,
+    host_params,
+    repeat_kv_heads,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -186,21 +192,10 @@ def _random_params(cfg: ModelConfig, model_cfg: ModelConfig, dtype, shardings, s
         layers = params["layers"]
         for name in ("w_qkv", "b_qkv"):
             if repeats > 1 and name in layers:
-                layers[name] = _repeat_kv_heads(layers[name], repeats)
+                layers[name] = repeat_kv_heads(layers[name], repeats)
         return params
 
     return init()
-
-
-def _repeat_kv_heads(qkv: jax.Array, r: int) -> jax.Array:
-    """A fused q/k/v parameter `[..., K, J, H]` with each kv head repeated r times: `[..., K·r,
-    J', H]`, each copy's group with the next R/r query heads (the layout `weights._fuse_qkv`
-    builds from a checkpoint's tensors)."""
-    *lead, K, J, H = qkv.shape
-    R = J - 2
-    q = qkv[..., :R, :].reshape(*lead, K * r, R // r, H)
-    kv = jnp.repeat(qkv[..., R:, :], r, axis=-3)  # [..., K·r, 2, H]: kv heads [a b] -> [a a b b]
-    return jnp.concatenate([q, kv], axis=-2)
 
 
 def _checkpoint_params(cfg, state, shardings, source, mesh, progress) -> dict:

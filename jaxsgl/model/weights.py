@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
@@ -112,20 +113,33 @@ def _o(cfg: ModelConfig, r: int, w: np.ndarray) -> np.ndarray:
 
 
 def _fuse_qkv(q: np.ndarray, k: np.ndarray, v: np.ndarray, cfg: ModelConfig, r: int) -> np.ndarray:
-    """q `[..., N·H]`, k and v `[..., K·H]` (HF heads on the last axis) -> `[..., K·r, J, H]`.
+    """q `[..., N·H]`, k and v `[..., K·H]` (HF heads on the last axis) -> `[..., K·r, J, H]`:
+    each kv group its query heads in HF order, then its key, then its value; kv heads then
+    repeated r times (`repeat_kv_heads`)."""
+    lead, K, H = q.shape[:-1], cfg.num_kv_heads, cfg.head_dim
+    groups = [q.reshape(*lead, K, -1, H), k.reshape(*lead, K, 1, H), v.reshape(*lead, K, 1, H)]
+    return repeat_kv_heads(np.concatenate(groups, axis=-2), r)
 
-    Each kv head is repeated r times (`sharding.kv_head_repeats`) and every copy's group holds
-    the next N/(K·r) query heads in HF order, then the key, then the value. HF query head n
-    reads kv head n // (N/K); in the fused layout it sits in the group of copy n // (N/(K·r)),
-    which is a copy of that kv head. Example, 8 q heads over kv heads a and b, r = 2: groups
-    [q0 q1 ka va] [q2 q3 ka va] [q4 q5 kb vb] [q6 q7 kb vb]; with r = 1, [q0..q3 ka va]
-    [q4..q7 kb vb]. Shard s of a split over K then holds the same query heads as shard s of
-    a split over N, with the kv head they read.
+
+def repeat_kv_heads(qkv, r: int):
+    """A fused q/k/v parameter `[..., K, J, H]` (numpy or JAX) with each kv head repeated r
+    times (`sharding.kv_head_repeats`): `[..., K·r, R/r + 2, H]`, every copy's group holding
+    the next R/r of its kv head's query heads.
+
+    HF query head n reads kv head n // R; here it sits in the group of copy n // (R/r), a copy
+    of that kv head. Example, 8 q heads over kv heads a and b, r = 2: groups [q0 q1 ka va]
+    [q2 q3 ka va] [q4 q5 kb vb] [q6 q7 kb vb]; with r = 1, [q0..q3 ka va] [q4..q7 kb vb].
+    Shard s of a split over K then holds the same query heads as shard s of a split over N,
+    with the kv head they read.
     """
-    lead, H, K = q.shape[:-1], cfg.head_dim, cfg.num_kv_heads * r
-    q = q.reshape(*lead, K, cfg.num_heads // K, H)
-    k, v = (np.repeat(w.reshape(*lead, cfg.num_kv_heads, 1, H), r, axis=-3) for w in (k, v))
-    return np.concatenate([q, k, v], axis=-2)
+    if r == 1:
+        return qkv
+    xp = np if isinstance(qkv, np.ndarray) else jnp
+    *lead, K, J, H = qkv.shape
+    R = J - 2
+    q = qkv[..., :R, :].reshape(*lead, K * r, R // r, H)
+    kv = xp.repeat(qkv[..., R:, :], r, axis=-3)  # [..., K·r, 2, H]: kv heads [a b] -> [a a b b]
+    return xp.concatenate([q, kv], axis=-2)
 
 
 def _qkv(cfg: ModelConfig, r: int, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> np.ndarray:
