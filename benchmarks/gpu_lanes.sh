@@ -56,6 +56,11 @@ mkdir -p "$OUT"
 # SERVER_ARGS is added to every server's flags (e.g. "--num-continuous-decode-steps 8");
 # MODEL_ARGS and MT_SESSIONS shrink the runs for a dry run on the CPU.
 read -r -a MODEL <<< "${MODEL_ARGS:---model-path llama-3-8b --load-format dummy --dtype bfloat16}"
+# XLA's command buffers with the layer loop in them (they take while loops only when asked).
+GRAPHS=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
+# The TP 4 decode step as the tp4-* lanes time it.
+TP4_STEP=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
+    --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
 
 run() {  # name, seconds, cards, command...
     local name=$1 limit=$2 cards=$3
@@ -78,8 +83,7 @@ engine() {
         local bs1=(--batch-size 1 --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
         run one_batch_bs1 100 0 python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${bs1[@]}" \
             --result-file "$OUT/one_batch.jsonl"
-        local graphs=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
-        XLA_FLAGS="--xla_gpu_enable_command_buffer=$graphs" run one_batch_bs1_graph 100 0 \
+        XLA_FLAGS="--xla_gpu_enable_command_buffer=$GRAPHS" run one_batch_bs1_graph 100 0 \
             python -m jaxsgl.bench_one_batch "${MODEL[@]}" "${bs1[@]}" \
             --result-file "$OUT/one_batch_graph.jsonl"
     ) &
@@ -257,29 +261,25 @@ tp4-profile() {
 }
 
 tp4-variants() {
-    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
-        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
-    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
-    run tp4_base 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_base.jsonl"
+    run tp4_base 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_base.jsonl"
     XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
-        run tp4_oneshot 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_oneshot.jsonl"
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph,COLLECTIVES \
-        run tp4_graph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_graph.jsonl"
-    run tp4_unrolled 200 0,1,2,3 "${args[@]}" --layers unrolled \
+        run tp4_oneshot 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_oneshot.jsonl"
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=$GRAPHS,COLLECTIVES \
+        run tp4_graph 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_graph.jsonl"
+    run tp4_unrolled 200 0,1,2,3 "${TP4_STEP[@]}" --layers unrolled \
         --result-file "$OUT/tp4_unrolled.jsonl"
     local log
     for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
 }
 
 tp4-launch() {
-    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
-        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
     local sync=--xla_gpu_disable_async_collectives=ALLREDUCE,ALLGATHER
     XLA_FLAGS=--xla_gpu_enable_command_buffer= \
-        run tp4_nograph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nograph.jsonl"
-    XLA_FLAGS=$sync run tp4_sync 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_sync.jsonl"
+        run tp4_nograph 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_nograph.jsonl"
+    XLA_FLAGS=$sync run tp4_sync 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_sync.jsonl"
     XLA_FLAGS="--xla_gpu_enable_command_buffer= $sync" \
-        run tp4_nograph_sync 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nograph_sync.jsonl"
+        run tp4_nograph_sync 120 0,1,2,3 "${TP4_STEP[@]}" \
+        --result-file "$OUT/tp4_nograph_sync.jsonl"
     local log
     for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
     JAXSGL_PROFILER_DIR="$OUT/traces" run tp4_bs1_profile 120 0,1,2,3 \
@@ -288,18 +288,16 @@ tp4-launch() {
 }
 
 tp4-nccl() {
-    local args=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 1 128
-        --input-len 1024 --output-len 16 --num-continuous-decode-steps 8)
     local nccl=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=false
-    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
     local ar=(python benchmarks/allreduce_bench.py --tp-size 4 --batch-size 1 256
         --out "$OUT/allreduce.jsonl")
     XLA_FLAGS=$nccl run ar_nccl 90 0,1,2,3 "${ar[@]}" --label nccl
-    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$graph,COLLECTIVES" \
+    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$GRAPHS,COLLECTIVES" \
         run ar_nccl_graph 90 0,1,2,3 "${ar[@]}" --label nccl-graph
-    XLA_FLAGS=$nccl run tp4_nccl 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nccl.jsonl"
-    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$graph,COLLECTIVES" \
-        run tp4_nccl_graph 120 0,1,2,3 "${args[@]}" --result-file "$OUT/tp4_nccl_graph.jsonl"
+    XLA_FLAGS=$nccl run tp4_nccl 120 0,1,2,3 "${TP4_STEP[@]}" --result-file "$OUT/tp4_nccl.jsonl"
+    XLA_FLAGS="$nccl --xla_gpu_enable_command_buffer=$GRAPHS,COLLECTIVES" \
+        run tp4_nccl_graph 120 0,1,2,3 "${TP4_STEP[@]}" \
+        --result-file "$OUT/tp4_nccl_graph.jsonl"
     local log
     for log in "$OUT"/ar_*.log; do tail -n 3 "$log"; done
     for log in "$OUT"/tp4_*.log; do echo "--- $log"; tail -n 3 "$log"; done
@@ -310,13 +308,12 @@ allreduce() {
     cat "$OUT/topology.txt"
     local ar=(python benchmarks/allreduce_bench.py --tp-size 2 4 --batch-size 1 128 256
         --out "$OUT/allreduce.jsonl")
-    local graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
     run ar_default 90 0,1,2,3 "${ar[@]}" --label default
     NCCL_PROTO=LL run ar_ll 90 0,1,2,3 "${ar[@]}" --label nccl-LL
     NCCL_PROTO=LL128 run ar_ll128 90 0,1,2,3 "${ar[@]}" --label nccl-LL128
     XLA_FLAGS=--xla_gpu_unsupported_use_all_reduce_one_shot_kernel=true \
         run ar_oneshot 90 0,1,2,3 "${ar[@]}" --label one-shot
-    XLA_FLAGS=--xla_gpu_enable_command_buffer=$graph,COLLECTIVES \
+    XLA_FLAGS=--xla_gpu_enable_command_buffer=$GRAPHS,COLLECTIVES \
         run ar_graph 90 0,1,2,3 "${ar[@]}" --label graph
     local log
     for log in "$OUT"/ar_*.log; do tail -n 7 "$log"; done
