@@ -19,12 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxsgl.roofline import time_call
 
 
 def chain(mesh: Mesh, layers: int, reduce: bool):
@@ -45,17 +46,12 @@ def chain(mesh: Mesh, layers: int, reduce: bool):
     return jax.jit(f)
 
 
-def median_ms(fn, *args, repeats: int) -> float:
-    out = jax.block_until_ready(fn(*args))  # compile
+def checked_ms(fn, *args, repeats: int) -> float:
+    """Median ms of one call of `fn`, waited for each time, after checking its output."""
+    out = jax.block_until_ready(fn(*args))
     # Every layer scales by 1/tp and all-reduces tp copies: a wrong sum leaves the ones.
     np.testing.assert_allclose(np.asarray(out, np.float32), 1.0, rtol=1e-2)
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)) * 1e3
+    return time_call(fn, *args, repeats=repeats, calls=1) * 1e3
 
 
 def measure(tp: int, batch: int, hidden: int, layers: int, repeats: int) -> dict:
@@ -64,8 +60,8 @@ def measure(tp: int, batch: int, hidden: int, layers: int, repeats: int) -> dict
     x = jax.device_put(jnp.ones((batch, hidden), jnp.bfloat16), replicated)
     # Each all-reduce sums `tp` equal copies; scaling by 1/tp first keeps the values at one.
     scales = jax.device_put(jnp.full((layers, 2), 1.0 / tp, jnp.bfloat16), replicated)
-    with_ar = median_ms(chain(mesh, layers, True), x, scales, repeats=repeats)
-    without = median_ms(chain(mesh, layers, False), x, scales, repeats=repeats)
+    with_ar = checked_ms(chain(mesh, layers, True), x, scales, repeats=repeats)
+    without = checked_ms(chain(mesh, layers, False), x, scales, repeats=repeats)
     count = 2 * layers
     return {
         "tp": tp,
