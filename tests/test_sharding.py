@@ -54,14 +54,19 @@ def test_qwen2_bias_under_tensor_parallel(tmp_path):
     assert loaded.model.layers.b_qkv[...].sharding.spec[1] == "tensor"
 
 
+def _transformers_logits(ref) -> np.ndarray:
+    """transformers' next-token logits after each of PROMPTS."""
+    with torch.no_grad():
+        return np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in PROMPTS])
+
+
 @pytest.mark.parametrize("variant", ["llama3_untied_gqa4", "qwen2_bias"])
 def test_replicated_kv_heads_read_by_their_own_query_heads(tmp_path, variant):
     """2 kv heads over 4 and 8 devices: each copy of a kv head is fused with a share of the
     query heads that read it, so the logits are transformers', whose heads are neither fused
     nor copied (and whose query head n reads kv head n // 4)."""
     ref = make_tiny(variant, tmp_path)  # 8 q heads, 2 kv heads
-    with torch.no_grad():
-        expected = np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in PROMPTS])
+    expected = _transformers_logits(ref)
     for tp in (4, 8):
         loaded, got = _logits(tmp_path, tp)
         assert loaded.model.layers.w_qkv[...].shape[2] == tp  # one kv group a device
@@ -73,8 +78,7 @@ def test_query_heads_that_split_over_kv_heads_that_do_not(tmp_path):
     stays whole while o still splits by rows (the ffn of 128 stays whole too). TP 6: each kv
     head is repeated 3 times, one query head a copy. Both give transformers' logits."""
     ref = make_tiny("llama_gqa3", tmp_path)
-    with torch.no_grad():
-        expected = np.stack([ref(torch.tensor([p])).logits[0, -1].numpy() for p in PROMPTS])
+    expected = _transformers_logits(ref)
     # tp -> (kv heads, slots a kv group: q heads + k + v, how the kv heads split)
     for tp, (kv_heads, group, split) in {3: (2, 5, None), 6: (6, 3, "tensor")}.items():
         loaded, got = _logits(tmp_path, tp)
