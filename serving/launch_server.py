@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=d.chunked_prefill_size,
         help="most new tokens an extend step takes (-1: no chunking); default by the device: "
-        "2048 on CPUs and GPUs under 32 GiB, 4096 under 64 GiB, 8192 above",
+        "2048 on CPUs and GPUs under 32 GiB, 4096 under 64 GiB, 8192 above (16384 at TP 4 "
+        "and more)",
     )
     a("--max-prefill-tokens", type=int, default=d.max_prefill_tokens)
     a("--schedule-policy", default=d.schedule_policy, choices=SCHEDULE_POLICIES)

@@ -78,6 +78,12 @@ def test_chunked_prefill_default_follows_the_device():
     assert chunked_prefill_default("gpu", 40 * gib) == 4096
     assert chunked_prefill_default("gpu", 80 * gib) == 8192  # H100
     assert chunked_prefill_default("gpu", 141 * gib) == 8192  # H200
+    # Tensor parallelism over 4 cards or more doubles the step on large cards only.
+    assert chunked_prefill_default("gpu", 141 * gib, tp_size=2) == 8192
+    assert chunked_prefill_default("gpu", 141 * gib, tp_size=4) == 16384
+    assert chunked_prefill_default("gpu", 80 * gib, tp_size=8) == 16384
+    assert chunked_prefill_default("gpu", 40 * gib, tp_size=4) == 4096
+    assert chunked_prefill_default("cpu", None, tp_size=4) == 2048
     assert EngineOptions().chunk_tokens == 2048  # unresolved options: the small default
     assert EngineOptions(chunked_prefill_size=8192).chunk_tokens == 8192
     assert EngineOptions(chunked_prefill_size=-1, max_prefill_tokens=4096).chunk_tokens == 4096

@@ -32,7 +32,7 @@ class EngineOptions:
     kv_cache_dtype: str = "auto"  # one of KV_CACHE_DTYPES
     max_running_requests: int = 64
     # Most new tokens an extend step takes; -1 disables chunking; None: by the device
-    # (`sizing.chunked_prefill_size_for`: 2048 on CPUs, up to 8192 on large GPUs).
+    # (`sizing.chunked_prefill_size_for`: 2048 on CPUs, up to 8192 on large GPUs, 16384 at TP 4+).
     chunked_prefill_size: int | None = None
     max_prefill_tokens: int = 16384  # tokens of one extend step across requests
     schedule_policy: str = "fcfs"

@@ -24,14 +24,18 @@ def context_length_for(options: EngineOptions, cfg: ModelConfig) -> int:
     return options.context_length
 
 
-def chunked_prefill_default(platform: str, memory_bytes: int | None) -> int:
+def chunked_prefill_default(platform: str, memory_bytes: int | None, tp_size: int = 1) -> int:
     """Extend step size for a device: 2048 tokens on CPUs and GPUs under 32 GiB, 4096 under
-    64 GiB, 8192 above. Larger steps spread each step's fixed cost (reading the weights, the
-    host's work, tensor-parallel all-reduces) over more tokens; on an H200, 8192-token steps
-    served the multi-turn scenario 1.07x (TP 1) to 1.17x (TP 2) faster than 2048 (RESULTS.md)."""
+    64 GiB, 8192 above, and 16384 there when tensor parallelism splits the model over 4 cards
+    or more. Larger steps spread each step's fixed cost (reading the weights, the host's work,
+    tensor-parallel all-reduces) over more tokens; on H200s, 8192-token steps served the
+    multi-turn scenario 1.07x (TP 1) to 1.17x (TP 2) faster than 2048, and 16384 served it 1.06x
+    faster than 8192 at TP 4 while TP 1 and TP 2 did not move (RESULTS.md)."""
     if platform == "cpu" or not memory_bytes or memory_bytes < 32 * 2**30:
         return DEFAULT_CHUNKED_PREFILL_SIZE
-    return 4096 if memory_bytes < 64 * 2**30 else 8192
+    if memory_bytes < 64 * 2**30:
+        return 4096
+    return 16384 if tp_size >= 4 else 8192
 
 
 def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int:
@@ -39,8 +43,11 @@ def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int
     if options.chunked_prefill_size is not None:
         return options.chunked_prefill_size
     device, stats = _memory_stats(loaded)
-    size = chunked_prefill_default(device.platform, stats.get("bytes_limit"))
-    logger.info("chunked prefill: %d tokens an extend step (%s)", size, device.device_kind)
+    tp = tensor_size(loaded.mesh)
+    size = chunked_prefill_default(device.platform, stats.get("bytes_limit"), tp)
+    logger.info(
+        "chunked prefill: %d tokens an extend step (%s, TP %d)", size, device.device_kind, tp
+    )
     return size
 
 
