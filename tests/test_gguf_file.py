@@ -246,6 +246,86 @@ def test_a_file_is_parsed_once_until_it_changes(tmp_path):
     assert first.hf_config()["num_attention_heads"] == 4
 
 
+def reference_parse(path: Path) -> tuple[list, dict]:
+    """The `gguf` package's reader's view of a file: its tensors and metadata values (float32
+    scalars as their shortest decimal, as jaxsgl keeps them)."""
+    reader = gguf.GGUFReader(path)
+    fields = {}
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF."):  # the header's counts, not metadata
+            continue
+        value = field.contents()
+        if field.types == [gguf.GGUFValueType.FLOAT32]:
+            value = float(str(np.float32(value)))
+        fields[name] = value
+    return reader.tensors, fields
+
+
+def test_parse_agrees_with_the_gguf_package(tmp_path):
+    """Every metadata value type, arrays of numbers, strings, bools and arrays, and tensors of
+    element and block types at an alignment other than the default: the same values, tensor
+    entries and data views as the `gguf` package's own reader gives."""
+    V = gguf.GGUFValueType
+    meta = {
+        "general.alignment": (64, V.UINT32),
+        "t.u8": (200, V.UINT8), "t.i8": (-100, V.INT8), "t.u16": (60000, V.UINT16),
+        "t.i16": (-30000, V.INT16), "t.i32": (-(2**31), V.INT32), "t.u64": (2**63 + 5, V.UINT64),
+        "t.i64": (-(2**62), V.INT64), "t.f64": (0.1, V.FLOAT64), "t.bool": (True, V.BOOL),
+        "t.str": ("héllo, wörld", V.STRING), "t.empty": ("", V.STRING),
+        "t.floats": ([1e-5, -2.5, 3.0], V.ARRAY), "t.ints": ([1, -2, 3], V.ARRAY),
+        "t.strs": (["a", "", "ü" * 300], V.ARRAY), "t.bools": ([True, False], V.ARRAY),
+        "t.nested": ([[1, 2], [3]], V.ARRAY),
+    }  # fmt: skip
+    rng = np.random.default_rng(3)
+    tensors = {
+        "blk.0.ffn_up.weight": (random_blocks(T.Q4_K, K_QUANT_SCALES[T.Q4_K], SHAPE[0]), T.Q4_K),
+        "blk.0.ffn_down.weight": rng.standard_normal(SHAPE).astype(np.float16),
+        "blk.0.attn_norm.weight": rng.standard_normal(64).astype(np.float32),
+        "blk.0.attn_q.weight": (gguf.quants.quantize(np.ones(SHAPE, np.float32), T.BF16), T.BF16),
+    }
+    path = write_gguf(tmp_path / "all.gguf", tensors, **meta)
+    ours, fields = gguf_file.read_gguf(path)
+    ref_tensors, ref_fields = reference_parse(path)
+    # The gguf package flattens an array of arrays ([1, 2, 3]); the file holds two arrays.
+    assert fields.pop("t.nested") == [[1, 2], [3]]
+    assert fields == {k: v for k, v in ref_fields.items() if k != "t.nested"}
+    assert fields["llama.attention.layer_norm_rms_epsilon"] == 1e-6  # shortest decimal
+    assert [t.name for t in ours] == [t.name for t in ref_tensors]
+    for t, ref in zip(ours, ref_tensors, strict=True):
+        assert (t.tensor_type, t.shape) == (ref.tensor_type, tuple(ref.shape.tolist())), t.name
+        assert (t.data.dtype, t.data.shape) == (ref.data.dtype, ref.data.shape), t.name
+        np.testing.assert_array_equal(t.data, ref.data)
+        assert not t.data.flags.writeable
+
+
+def test_smollm2_parse_agrees_with_the_gguf_package(smollm2_path):
+    ours, fields = gguf_file.read_gguf(smollm2_path)
+    ref_tensors, ref_fields = reference_parse(smollm2_path)
+    assert fields == ref_fields
+    assert len(fields["tokenizer.ggml.tokens"]) == 49152
+    assert [(t.name, t.shape) for t in ours] == [
+        (t.name, tuple(t.shape.tolist())) for t in ref_tensors
+    ]
+    for t, ref in zip(ours, ref_tensors, strict=True):
+        np.testing.assert_array_equal(t.data, ref.data)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda b: b[:4] + (1).to_bytes(4, "little") + b[8:], "GGUF version 1 is not supported"),
+        (lambda b: b[:4] + (3).to_bytes(4, "big") + b[8:], "GGUF byte order differs"),
+        (lambda b: b"GGUF", "not a readable GGUF file"),
+        (lambda b: b"", "not a readable GGUF file .*empty"),
+    ],
+)
+def test_damaged_headers(tmp_path, damage, message):
+    path = write_gguf(tmp_path / "bad.gguf", {})
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(ValueError, match=message):
+        GGUFCheckpoint.open(path)
+
+
 # --- the real SmolLM2 GGUF against transformers' loader ---------------------------------------
 
 

@@ -1,7 +1,8 @@
 """GGUF checkpoints (llama.cpp's single-file format) as HF-named float32 numpy tensors.
 
-Reads with the `gguf` package only (memory-mapped, numpy dequantization), so serving a GGUF needs
-no torch. Two things a GGUF does differently from an HF checkpoint are undone here:
+The file's header, metadata and tensor table are parsed here; tensors stay memory-mapped and
+dequantize with the `gguf` package's numpy code, so serving a GGUF needs no torch. Two things a
+GGUF does differently from an HF checkpoint are undone here:
 
 - names: llama.cpp's `blk.{i}.attn_q.weight` becomes `model.layers.{i}.self_attn.q_proj.weight`;
 - llama's q/k projections are stored with each head's rows interleaved for llama.cpp's rotary
@@ -12,10 +13,13 @@ Metadata becomes an HF `config.json`-style dict for `jaxsgl.config.ModelConfig.f
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import mmap
 import os
 import re
+import struct
 from collections.abc import Iterator
 from math import prod
 from pathlib import Path
@@ -70,7 +74,7 @@ def dequantize(
 ) -> np.ndarray:
     """One tensor's stored data -> float32 values of `shape`.
 
-    `tensor_data` is what `gguf.GGUFReader` gives (block bytes for quantized types); `shape` is
+    `tensor_data` is a `GGUFTensor`'s data (block bytes for quantized types); `shape` is
     the numpy (row-major) shape, i.e. the GGUF dims reversed: `[out_features, in_features]` for a
     linear weight.
     """
@@ -110,34 +114,149 @@ def _hf_name(gguf_name: str) -> str | None:
     return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
 
 
-def read_gguf(path: str | os.PathLike[str]) -> tuple[gguf.GGUFReader, dict[str, Any]]:
-    """The file at `path` parsed: its reader (tensors memory-mapped) and its metadata values.
+@dataclasses.dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor's entry: its GGUF name and type, its dims in GGUF order (fastest-moving
+    first) and its data, a read-only view of the file: elements for F32/F16 (numpy shape, the
+    dims reversed), block bytes for other types (the last axis in bytes), as `dequantize` takes."""
 
-    Parsing is most of the time it takes to open a GGUF (the reader visits every element of the
-    vocabulary's arrays: about 4.5 s for SmolLM2's 49k tokens and merges), and both the model
-    and its tokenizer read the file. The parse is kept per file, keyed by its path, size, inode
-    and modification time, so the second reader and every later engine in the process skip it.
+    name: str
+    tensor_type: GGMLQuantizationType
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+class ByteOrderError(ValueError):
+    """The file was written for the other byte order (`gguf.quants` reads the host's)."""
+
+
+def read_gguf(path: str | os.PathLike[str]) -> tuple[list[GGUFTensor], dict[str, Any]]:
+    """The file at `path` parsed: its tensors (memory-mapped) and its metadata values.
+
+    Both the model and its tokenizer read the file, and every engine of a process opens it
+    again, so the parse is kept per file, keyed by its path, size, inode and modification time.
     Lists are copied for each caller, which may change its own.
     """
     st = os.stat(path)
     key = (str(Path(path).resolve()), st.st_size, st.st_ino, st.st_mtime_ns)
-    reader, fields = _parsed(*key)
-    return reader, {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
+    tensors, fields = _parsed(*key)
+    return tensors, {k: list(v) if isinstance(v, list) else v for k, v in fields.items()}
 
 
 @functools.lru_cache(maxsize=4)
-def _parsed(path: str, size: int, inode: int, mtime_ns: int) -> tuple[gguf.GGUFReader, dict]:
-    reader = gguf.GGUFReader(path)
-    return reader, {name: _field_value(field) for name, field in reader.fields.items()}
+def _parsed(path: str, size: int, inode: int, mtime_ns: int) -> tuple[list[GGUFTensor], dict]:
+    with open(path, "rb") as f:
+        if size == 0:
+            raise ValueError("the file is empty")
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    return _GGUFParser(mm).parse()
 
 
-def _field_value(field: Any) -> Any:
-    value = field.contents()
-    if field.types == [GGUFValueType.FLOAT32]:
-        # Stored as float32: its shortest decimal is what the converter wrote (1e-05, not
-        # 9.999999747378752e-06).
-        value = float(str(np.float32(value)))
-    return value
+# Metadata value types of fixed size: struct format (little-endian) and numpy dtype.
+_V = GGUFValueType
+_SCALARS = {
+    _V.UINT8: "B", _V.INT8: "b", _V.UINT16: "H", _V.INT16: "h", _V.UINT32: "I", _V.INT32: "i",
+    _V.FLOAT32: "f", _V.BOOL: "?", _V.UINT64: "Q", _V.INT64: "q", _V.FLOAT64: "d",
+}  # fmt: skip
+# Tensor types stored as plain elements; every other type is stored as block bytes.
+_ELEMENT_TYPES = {_T.F32: np.float32, _T.F16: np.float16}
+_DEFAULT_ALIGNMENT = 32
+
+
+class _GGUFParser:
+    """GGUF v2/v3, little-endian, in one pass over the memory map: the header, the metadata,
+    the tensor table. Strings and numbers are read with `struct` straight from the map (the
+    `gguf` package's reader makes a numpy view of every element of the vocabulary's arrays, 3.5
+    s for SmolLM2's 98k strings; this reads them in a tenth of that)."""
+
+    def __init__(self, mm: mmap.mmap):
+        self.mm, self.offset = mm, 0
+
+    def parse(self) -> tuple[list[GGUFTensor], dict[str, Any]]:
+        if self._read("<I") != gguf.GGUF_MAGIC:
+            raise ValueError("no GGUF magic number")
+        version = self._read("<I")
+        if version & 0xFFFF == 0:  # a small number written in the other byte order
+            raise ByteOrderError("GGUF byte order differs from this machine's")
+        if version not in (2, 3):
+            raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+        num_tensors, num_fields = self._read("<Q"), self._read("<Q")
+        fields: dict[str, Any] = {}
+        for _ in range(num_fields):
+            key = self._string()
+            if key in fields:
+                raise ValueError(f"metadata key {key!r} appears twice")
+            kind = _V(self._read("<I"))
+            value = self._value(kind)
+            if kind == _V.FLOAT32:
+                # Stored as float32: its shortest decimal is what the converter wrote (1e-05,
+                # not 9.999999747378752e-06).
+                value = float(str(np.float32(value)))
+            fields[key] = value
+        entries = [self._tensor_entry() for _ in range(num_tensors)]
+        alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise ValueError(f"general.alignment {alignment!r} is not a positive integer")
+        start = -(-self.offset // alignment) * alignment
+        names = set()
+        tensors = []
+        for name, shape, qtype, offset in entries:
+            if name in names:
+                raise ValueError(f"tensor {name!r} appears twice")
+            names.add(name)
+            tensors.append(self._tensor(name, shape, qtype, start + offset))
+        return tensors, fields
+
+    def _read(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(fmt, self.mm, self.offset)
+        self.offset += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        n = self._read("<Q")
+        end = self.offset + n
+        if end > len(self.mm):
+            raise ValueError(f"a string of {n} bytes runs past the end of the file")
+        text = self.mm[self.offset : end].decode("utf-8")
+        self.offset = end
+        return text
+
+    def _value(self, kind: GGUFValueType) -> Any:
+        if kind == _V.STRING:
+            return self._string()
+        if kind == _V.ARRAY:
+            item = _V(self._read("<I"))
+            count = self._read("<Q")
+            if item in _SCALARS:  # numbers in one read
+                dtype = np.dtype(_SCALARS[item]).newbyteorder("<")
+                if self.offset + count * dtype.itemsize > len(self.mm):
+                    raise ValueError(f"an array of {count} values runs past the end of the file")
+                values = np.frombuffer(self.mm, dtype, count, self.offset)
+                self.offset += count * dtype.itemsize
+                return values.tolist()
+            return [self._value(item) for _ in range(count)]
+        return self._read("<" + _SCALARS[kind])
+
+    def _tensor_entry(self) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
+        name = self._string()
+        dims = tuple(self._read("<Q") for _ in range(self._read("<I")))
+        return name, dims, GGMLQuantizationType(self._read("<I")), self._read("<Q")
+
+    def _tensor(self, name: str, shape: tuple[int, ...], qtype, offset: int) -> GGUFTensor:
+        np_shape = tuple(reversed(shape))
+        if qtype in _ELEMENT_TYPES:
+            dtype = np.dtype(_ELEMENT_TYPES[qtype])
+            count = prod(shape)
+        else:
+            block, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+            if not np_shape or np_shape[-1] % block:
+                raise ValueError(f"tensor {name!r} ({qtype.name}, {shape}): rows of partial blocks")
+            np_shape = (*np_shape[:-1], np_shape[-1] // block * block_bytes)
+            dtype, count = np.dtype(np.uint8), prod(np_shape)
+        if offset + count * dtype.itemsize > len(self.mm):
+            raise ValueError(f"tensor {name!r} runs past the end of the file")
+        data = np.frombuffer(self.mm, dtype, count, offset).reshape(np_shape)
+        return GGUFTensor(name, qtype, shape, data)
 
 
 class GGUFCheckpoint:
@@ -153,19 +272,18 @@ class GGUFCheckpoint:
         if not self.path.is_file():
             raise ValueError(f"{self.path}: GGUF file not found")
         try:
-            reader, self.metadata = read_gguf(self.path)
-        except Exception as e:  # the reader reports bad bytes as whatever numpy raised
+            tensors, self.metadata = read_gguf(self.path)
+        except ByteOrderError as e:
+            raise ValueError(f"{self.path}: {e}") from None
+        except Exception as e:  # bad bytes surface as whatever struct, numpy or utf-8 raised
             raise ValueError(f"{self.path}: not a readable GGUF file ({e})") from None
-        if reader.byte_order != "I":
-            # gguf.quants reads block bytes in the host's order.
-            raise ValueError(f"{self.path}: GGUF byte order differs from this machine's")
         self.architecture: str = self.metadata.get("general.architecture", "")
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(
                 f"{self.path} has architecture {self.architecture!r}; "
                 f"jaxsgl loads {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
-        self._tensors = self._map_tensors(reader.tensors)
+        self._tensors = self._map_tensors(tensors)
         try:
             self._config = self._build_config()
         except TypeError as e:  # int() or float() of an array where a number belongs
@@ -205,7 +323,7 @@ class GGUFCheckpoint:
         if name not in self._tensors:
             raise ValueError(f"{self.path}: no tensor {name!r}")
         t = self._tensors[name]
-        shape = tuple(reversed(t.shape.tolist()))  # GGUF lists dims fastest-moving first
+        shape = tuple(reversed(t.shape))  # GGUF lists dims fastest-moving first
         w = dequantize(t.data, t.tensor_type, shape)
         proj = name.rsplit(".", 2)[-2]  # "model.layers.0.self_attn.q_proj.weight" -> "q_proj"
         if self.architecture in _PERMUTED_QK_ARCHITECTURES and proj in ("q_proj", "k_proj"):
@@ -221,7 +339,7 @@ class GGUFCheckpoint:
         for name in self._tensors:
             yield name, self.get(name)
 
-    def _map_tensors(self, tensors: list[Any]) -> dict[str, Any]:
+    def _map_tensors(self, tensors: list[GGUFTensor]) -> dict[str, GGUFTensor]:
         by_name = {}
         for t in tensors:
             if t.name == "rope_freqs.weight":
