@@ -54,6 +54,8 @@ def write_gguf(path: Path, tensors: dict, arch: str = "llama", **meta) -> Path:
     w.add_rope_freq_base(500000.0)
     if (vocab := meta.pop("vocab", 8)) is not None:
         w.add_vocab_size(vocab)
+    if (alignment := meta.pop("alignment", None)) is not None:
+        w.add_custom_alignment(alignment)  # the data's alignment, and its general.alignment
     for key, value in meta.items():
         w.add_key_value(key, value[0], value[1])
     tensors = {"token_embd.weight": np.zeros((8, 64), np.float32), **tensors}
@@ -263,11 +265,11 @@ def reference_parse(path: Path) -> tuple[list, dict]:
 
 def test_parse_agrees_with_the_gguf_package(tmp_path):
     """Every metadata value type, arrays of numbers, strings, bools and arrays, and tensors of
-    element and block types at an alignment other than the default: the same values, tensor
-    entries and data views as the `gguf` package's own reader gives."""
+    element and block types at an alignment other than the default (256: the header's end
+    rounds up to another offset than at 32): the same values, tensor entries and data views as
+    the `gguf` package's own reader gives."""
     V = gguf.GGUFValueType
     meta = {
-        "general.alignment": (64, V.UINT32),
         "t.u8": (200, V.UINT8), "t.i8": (-100, V.INT8), "t.u16": (60000, V.UINT16),
         "t.i16": (-30000, V.INT16), "t.i32": (-(2**31), V.INT32), "t.u64": (2**63 + 5, V.UINT64),
         "t.i64": (-(2**62), V.INT64), "t.f64": (0.1, V.FLOAT64), "t.bool": (True, V.BOOL),
@@ -283,8 +285,9 @@ def test_parse_agrees_with_the_gguf_package(tmp_path):
         "blk.0.attn_norm.weight": rng.standard_normal(64).astype(np.float32),
         "blk.0.attn_q.weight": (gguf.quants.quantize(np.ones(SHAPE, np.float32), T.BF16), T.BF16),
     }
-    path = write_gguf(tmp_path / "all.gguf", tensors, **meta)
+    path = write_gguf(tmp_path / "all.gguf", tensors, alignment=256, **meta)
     ours, fields = gguf_file.read_gguf(path)
+    assert fields["general.alignment"] == 256
     ref_tensors, ref_fields = reference_parse(path)
     # The gguf package flattens an array of arrays ([1, 2, 3]); the file holds two arrays.
     assert fields.pop("t.nested") == [[1, 2], [3]]
@@ -324,6 +327,59 @@ def test_damaged_headers(tmp_path, damage, message):
     path.write_bytes(damage(path.read_bytes()))
     with pytest.raises(ValueError, match=message):
         GGUFCheckpoint.open(path)
+
+
+def _crafted(path: Path, kv: bytes = b"", tensors: bytes = b"", counts=(0, 1), tail=1 << 20):
+    """A GGUF v3 header of our own bytes: `counts` (tensors, key-values), the key-value and
+    tensor-entry bytes as given, then `tail` zero bytes (a file's data region)."""
+    u32, u64 = (lambda v: int(v).to_bytes(4, "little")), (lambda v: int(v).to_bytes(8, "little"))
+    head = b"GGUF" + u32(3) + u64(counts[0]) + u64(counts[1])
+    path.write_bytes(head + kv + tensors + bytes(tail))
+    return path
+
+
+def _kv(key: str, kind: int, value: bytes) -> bytes:
+    return len(key).to_bytes(8, "little") + key.encode() + kind.to_bytes(4, "little") + value
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        # An array header claiming 2**62 strings (or arrays) over a zero-filled region.
+        ("strings", "cannot fit"),
+        ("arrays", "cannot fit"),
+        ("tensors", "cannot fit"),
+        ("dims", "has 2147483648 dims"),
+        ("nesting", "damaged GGUF data"),
+        ("alignment_bool", "general.alignment is BOOL"),
+        ("alignment_48", "general.alignment 48 is not a power of two"),
+    ],
+)
+def test_corrupt_counts_fail_at_once(tmp_path, case, message):
+    """Counts the file cannot hold are refused before anything is read entry by entry (a 1 MiB
+    tail of zeros would otherwise be walked 8 bytes at a time), and through the tokenizer's
+    path too, as a ValueError."""
+    V = gguf.GGUFValueType
+    u32, u64 = (lambda v: int(v).to_bytes(4, "little")), (lambda v: int(v).to_bytes(8, "little"))
+    path = tmp_path / f"{case}.gguf"
+    if case in ("strings", "arrays"):
+        item = V.STRING if case == "strings" else V.ARRAY
+        _crafted(path, _kv("a", V.ARRAY, u32(item) + u64(2**62)))
+    elif case == "tensors":
+        _crafted(path, counts=(2**62, 0))
+    elif case == "dims":
+        _crafted(path, tensors=u64(1) + b"t" + u32(2**31), counts=(1, 0))
+    elif case == "nesting":
+        depth = 100_000
+        _crafted(path, _kv("n", V.ARRAY, (u32(V.ARRAY) + u64(1)) * depth + u32(V.UINT8) + u64(0)))
+    elif case == "alignment_bool":
+        _crafted(path, _kv("general.alignment", V.BOOL, b"\x01"))
+    else:
+        _crafted(path, _kv("general.alignment", V.UINT32, u32(48)))
+    with pytest.raises(ValueError, match=message):
+        GGUFCheckpoint.open(path)
+    with pytest.raises(ValueError, match=message):
+        gguf_file.read_gguf(path)
 
 
 # --- the real SmolLM2 GGUF against transformers' loader ---------------------------------------

@@ -149,7 +149,10 @@ def _parsed(path: str, size: int, inode: int, mtime_ns: int) -> tuple[list[GGUFT
         if size == 0:
             raise ValueError("the file is empty")
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    return _GGUFParser(mm).parse()
+    try:
+        return _GGUFParser(mm).parse()
+    except (struct.error, RecursionError) as e:  # a count or a nesting the bytes do not hold
+        raise ValueError(f"damaged GGUF data ({type(e).__name__}: {e})") from None
 
 
 # Metadata value types of fixed size: struct format (little-endian) and numpy dtype.
@@ -161,6 +164,12 @@ _SCALARS = {
 # Tensor types stored as plain elements; every other type is stored as block bytes.
 _ELEMENT_TYPES = {_T.F32: np.float32, _T.F16: np.float16}
 _DEFAULT_ALIGNMENT = 32
+_MAX_DIMS = 4  # ggml's
+# The fewest bytes an entry can take, to refuse a count the rest of the file cannot hold before
+# reading entry by entry: a key-value (key length, type, one byte), a tensor entry (name length,
+# dims count, type, offset), an array item of a type of variable size (string, array).
+_MIN_FIELD_BYTES, _MIN_TENSOR_BYTES = 13, 24
+_MIN_ITEM_BYTES = {_V.STRING: 8, _V.ARRAY: 12}
 
 
 class _GGUFParser:
@@ -176,36 +185,46 @@ class _GGUFParser:
         if self._read("<I") != gguf.GGUF_MAGIC:
             raise ValueError("no GGUF magic number")
         version = self._read("<I")
-        if version & 0xFFFF == 0:  # a small number written in the other byte order
-            raise ByteOrderError("GGUF byte order differs from this machine's")
         if version not in (2, 3):
+            if version and version & 0xFFFF == 0:  # a small number in the other byte order
+                raise ByteOrderError("GGUF byte order differs from this machine's")
             raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
         num_tensors, num_fields = self._read("<Q"), self._read("<Q")
+        self._check_count(num_fields, _MIN_FIELD_BYTES, "metadata entries")
         fields: dict[str, Any] = {}
         for _ in range(num_fields):
             key = self._string()
             if key in fields:
                 raise ValueError(f"metadata key {key!r} appears twice")
             kind = _V(self._read("<I"))
+            if key == "general.alignment" and kind != _V.UINT32:
+                raise ValueError(f"general.alignment is {kind.name}, not UINT32")
             value = self._value(kind)
             if kind == _V.FLOAT32:
                 # Stored as float32: its shortest decimal is what the converter wrote (1e-05,
                 # not 9.999999747378752e-06).
                 value = float(str(np.float32(value)))
             fields[key] = value
+        self._check_count(num_tensors, _MIN_TENSOR_BYTES, "tensor entries")
         entries = [self._tensor_entry() for _ in range(num_tensors)]
         alignment = fields.get("general.alignment", _DEFAULT_ALIGNMENT)
-        if not isinstance(alignment, int) or alignment <= 0:
-            raise ValueError(f"general.alignment {alignment!r} is not a positive integer")
+        if alignment <= 0 or alignment & (alignment - 1):
+            raise ValueError(f"general.alignment {alignment} is not a power of two")
         start = -(-self.offset // alignment) * alignment
         names = set()
         tensors = []
         for name, shape, qtype, offset in entries:
             if name in names:
                 raise ValueError(f"tensor {name!r} appears twice")
+            if offset % alignment:
+                raise ValueError(f"tensor {name!r} starts off the file's {alignment}-byte grid")
             names.add(name)
             tensors.append(self._tensor(name, shape, qtype, start + offset))
         return tensors, fields
+
+    def _check_count(self, count: int, min_bytes: int, what: str) -> None:
+        if count * min_bytes > len(self.mm) - self.offset:
+            raise ValueError(f"{count} {what} cannot fit in the rest of the file")
 
     def _read(self, fmt: str) -> Any:
         (value,) = struct.unpack_from(fmt, self.mm, self.offset)
@@ -234,12 +253,16 @@ class _GGUFParser:
                 values = np.frombuffer(self.mm, dtype, count, self.offset)
                 self.offset += count * dtype.itemsize
                 return values.tolist()
+            self._check_count(count, _MIN_ITEM_BYTES[item], f"{item.name} values")
             return [self._value(item) for _ in range(count)]
         return self._read("<" + _SCALARS[kind])
 
     def _tensor_entry(self) -> tuple[str, tuple[int, ...], GGMLQuantizationType, int]:
         name = self._string()
-        dims = tuple(self._read("<Q") for _ in range(self._read("<I")))
+        num_dims = self._read("<I")
+        if num_dims > _MAX_DIMS:
+            raise ValueError(f"tensor {name!r} has {num_dims} dims (at most {_MAX_DIMS})")
+        dims = tuple(self._read("<Q") for _ in range(num_dims))
         return name, dims, GGMLQuantizationType(self._read("<I")), self._read("<Q")
 
     def _tensor(self, name: str, shape: tuple[int, ...], qtype, offset: int) -> GGUFTensor:
