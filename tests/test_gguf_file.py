@@ -329,17 +329,24 @@ def test_damaged_headers(tmp_path, damage, message):
         GGUFCheckpoint.open(path)
 
 
+def _u32(v: int) -> bytes:
+    return int(v).to_bytes(4, "little")
+
+
+def _u64(v: int) -> bytes:
+    return int(v).to_bytes(8, "little")
+
+
 def _crafted(path: Path, kv: bytes = b"", tensors: bytes = b"", counts=(0, 1), tail=1 << 20):
     """A GGUF v3 header of our own bytes: `counts` (tensors, key-values), the key-value and
     tensor-entry bytes as given, then `tail` zero bytes (a file's data region)."""
-    u32, u64 = (lambda v: int(v).to_bytes(4, "little")), (lambda v: int(v).to_bytes(8, "little"))
-    head = b"GGUF" + u32(3) + u64(counts[0]) + u64(counts[1])
+    head = b"GGUF" + _u32(3) + _u64(counts[0]) + _u64(counts[1])
     path.write_bytes(head + kv + tensors + bytes(tail))
     return path
 
 
 def _kv(key: str, kind: int, value: bytes) -> bytes:
-    return len(key).to_bytes(8, "little") + key.encode() + kind.to_bytes(4, "little") + value
+    return _u64(len(key)) + key.encode() + _u32(kind) + value
 
 
 @pytest.mark.parametrize(
@@ -360,22 +367,23 @@ def test_corrupt_counts_fail_at_once(tmp_path, case, message):
     tail of zeros would otherwise be walked 8 bytes at a time), and through the tokenizer's
     path too, as a ValueError."""
     V = gguf.GGUFValueType
-    u32, u64 = (lambda v: int(v).to_bytes(4, "little")), (lambda v: int(v).to_bytes(8, "little"))
     path = tmp_path / f"{case}.gguf"
     if case in ("strings", "arrays"):
         item = V.STRING if case == "strings" else V.ARRAY
-        _crafted(path, _kv("a", V.ARRAY, u32(item) + u64(2**62)))
+        _crafted(path, _kv("a", V.ARRAY, _u32(item) + _u64(2**62)))
     elif case == "tensors":
         _crafted(path, counts=(2**62, 0))
     elif case == "dims":
-        _crafted(path, tensors=u64(1) + b"t" + u32(2**31), counts=(1, 0))
+        _crafted(path, tensors=_u64(1) + b"t" + _u32(2**31), counts=(1, 0))
     elif case == "nesting":
         depth = 100_000
-        _crafted(path, _kv("n", V.ARRAY, (u32(V.ARRAY) + u64(1)) * depth + u32(V.UINT8) + u64(0)))
+        _crafted(
+            path, _kv("n", V.ARRAY, (_u32(V.ARRAY) + _u64(1)) * depth + _u32(V.UINT8) + _u64(0))
+        )
     elif case == "alignment_bool":
         _crafted(path, _kv("general.alignment", V.BOOL, b"\x01"))
     else:
-        _crafted(path, _kv("general.alignment", V.UINT32, u32(48)))
+        _crafted(path, _kv("general.alignment", V.UINT32, _u32(48)))
     with pytest.raises(ValueError, match=message):
         GGUFCheckpoint.open(path)
     with pytest.raises(ValueError, match=message):
