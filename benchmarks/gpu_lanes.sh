@@ -39,10 +39,6 @@
 #   tp4-nccl   bench_one_batch at TP 4 with NCCL's all-reduces in place of XLA's Triton kernel,
 #              then also with the layer loop, its collectives included, in CUDA graphs; the
 #              all-reduce chain alone under both.
-#   tp4-overlap [VARIANT...]  bench_one_batch at TP 4 at the multi-turn run's shapes (extend
-#              steps of 16384 tokens; decode at batch 256 over 2048 tokens, 8-bit pool) under
-#              each variant: base (as it is), lhs (XLA's latency-hiding scheduler), p2-lhs and
-#              p4-lhs (that, with o and the MLP on 2 or 4 blocks of a step's rows), p2.
 #   allreduce  how the cards are linked, then a decode step's chain of 64 all-reduces alone at
 #              TP 2 and 4 (allreduce_bench.py), under XLA's and NCCL's ways of all-reducing.
 #   four-mt    the multi-turn rows alone (TP 1 without and with radix, TP 2, TP 4), e.g. to
@@ -321,24 +317,6 @@ allreduce() {
         run ar_graph 90 0,1,2,3 "${ar[@]}" --label graph
     local log
     for log in "$OUT"/ar_*.log; do tail -n 7 "$log"; done
-}
-
-tp4-overlap() {
-    [ -f "$OUT/ceilings.json" ] || CUDA_VISIBLE_DEVICES=0 python -m jaxsgl.roofline \
-        --out "$OUT/ceilings.json" > "$OUT/ceilings.log" 2>&1
-    local step=(python -m jaxsgl.bench_one_batch "${MODEL[@]}" --tp-size 4 --batch-size 8 256
-        --input-len 2048 --output-len 16 --num-continuous-decode-steps 8
-        --kv-cache-dtype fp8_e4m3 --ceilings "$OUT/ceilings.json")
-    local lhs=--xla_gpu_enable_latency_hiding_scheduler=true variant variants=("$@")
-    (($#)) || variants=(base lhs p2-lhs p4-lhs p2)
-    for variant in "${variants[@]}"; do
-        local flags="" parts=1
-        [[ $variant == *lhs ]] && flags=$lhs
-        [[ $variant == p* ]] && parts=${variant:1:1}
-        XLA_FLAGS=$flags JAXSGL_OVERLAP_PARTS=$parts run "ov_$variant" 200 0,1,2,3 \
-            "${step[@]}" --result-file "$OUT/ov_$variant.jsonl"
-        tail -n 3 "$OUT/ov_$variant.log"
-    done
 }
 
 four-2() {

@@ -1,7 +1,6 @@
 """Tensor parallelism on fake CPU devices gives the logits of one device."""
 
 import dataclasses
-import re
 
 import jax
 import numpy as np
@@ -12,7 +11,7 @@ from tiny_models import make_tiny
 from jaxsgl import sharding
 from jaxsgl.config import PRESETS, ModelConfig
 from jaxsgl.model.loader import load_model
-from jaxsgl.model.recompute import RecomputeModel, pack
+from jaxsgl.model.recompute import RecomputeModel
 
 PROMPTS = [list(range(3, 40)), [7, 9, 11, 13, 200], list(range(100, 160))]
 
@@ -45,44 +44,6 @@ def test_tensor_parallel_logits_match_single_device(gqa4_folder, tp):
     # kv heads are replicated up to the tensor size when there are fewer of them; the 8 query
     # heads are shared out over the copies.
     assert layers.w_qkv[...].shape[2:4] == (max(2, tp), 8 // max(2, tp) + 2)
-
-
-def _layer_all_reduces(rm: RecomputeModel, seqs) -> list[str]:
-    """The shapes the compiled step's layer loop all-reduces (a combined all-reduce gives
-    each of its operands)."""
-    batch, num_pages = pack(seqs, all_logits=True)
-    hlo = rm._forward.lower(rm.state, batch, num_pages).compile().as_text()
-    shapes = []
-    for line in hlo.splitlines():
-        lhs, _, rhs = line.partition(" all-reduce(")
-        if rhs and "while/body" in line:
-            shapes += re.findall(r"f32\[[\d,]+\]", lhs.split("=", 1)[1])
-    return shapes
-
-
-@pytest.mark.parametrize("tp, parts", [(2, 2), (4, 4)])
-def test_row_blocks_give_the_same_logits(gqa4_folder, tp, parts):
-    """o and the MLP on blocks of a step's rows (`Llama.overlap_parts`) give every row's
-    logits as the whole step does, and each block keeps all-reduces of its own in the compiled
-    layer loop (XLA does not merge the blocks back)."""
-    _, base = _logits(gqa4_folder, 1)
-    loaded = load_model(gqa4_folder, mesh=sharding.make_mesh(tp), progress=False)
-    whole = RecomputeModel(loaded.model)
-    loaded.model.overlap_parts, loaded.model.overlap_min_tokens = parts, 1
-    blocks = RecomputeModel(loaded.model)
-    T = pack(PROMPTS)[0].tokens.shape[0]  # 128: 102 tokens padded
-    assert _layer_all_reduces(whole, PROMPTS) == [f"f32[{T},64]"] * 2
-    assert _layer_all_reduces(blocks, PROMPTS) == [f"f32[{T // parts},64]"] * (2 * parts)
-    np.testing.assert_allclose(blocks.logits(PROMPTS), base, atol=1e-4, rtol=0)
-    np.testing.assert_allclose(
-        blocks.logits(PROMPTS, all_logits=True),
-        whole.logits(PROMPTS, all_logits=True),
-        atol=1e-5,
-        rtol=0,
-    )
-    # Steps under the threshold run whole (a decode step's batch would read weights per block).
-    loaded.model.overlap_min_tokens = T + 1
-    assert _layer_all_reduces(RecomputeModel(loaded.model), PROMPTS) == [f"f32[{T},64]"] * 2
 
 
 def test_qwen2_bias_under_tensor_parallel(tmp_path):

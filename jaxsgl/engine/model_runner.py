@@ -109,17 +109,6 @@ class PendingStep:
         return self.out.tokens if self.num_steps == 1 else self.out.tokens[-1]
 
 
-def overlap_parts(platform: str) -> int:
-    """Blocks of rows a tensor-parallel step of many tokens runs o and the MLP on. The
-    environment variable JAXSGL_OVERLAP_PARTS (a positive integer) overrides the choice."""
-    chosen = os.environ.get("JAXSGL_OVERLAP_PARTS")
-    if chosen is None:
-        return 1
-    if not chosen.isdigit() or int(chosen) < 1:
-        raise ValueError(f"JAXSGL_OVERLAP_PARTS={chosen!r} is not a positive integer")
-    return int(chosen)
-
-
 def enable_compilation_cache(path: str | None) -> str:
     """XLA's persistent compilation cache in `path`; default $JAXSGL_COMPILATION_CACHE_DIR,
     else ~/.cache/jaxsgl/xla. Returns the folder."""
@@ -170,10 +159,6 @@ class ModelRunner:
         )
         # Unrolled layers read weights in place but compile far slower: opt-in.
         loaded.model.unroll_layers = unroll_layers
-        # Under tensor parallelism, large steps run o and the MLP on blocks of rows so that
-        # the all-reduces overlap matmuls (`Llama.overlap_parts`).
-        tp = tensor_size(loaded.mesh)
-        loaded.model.overlap_parts = overlap_parts(device.platform) if tp > 1 else 1
         # Extend shapes: the Pallas kernel's grid follows the step's tokens, not its longest
         # run or widest table, so with tables as wide as the context (4 bytes a page a
         # sequence: 1 KB at 4k tokens, 32 KB at 128k) an extend's program depends only on its

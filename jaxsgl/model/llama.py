@@ -33,11 +33,6 @@ from jaxsgl.model import attention
 from jaxsgl.model.attention_backend import AttentionBackend
 from jaxsgl.model.forward_batch import ForwardBatch, KVPool
 
-# The fewest step tokens whose post-attention work is split into blocks (`Llama.overlap_parts`):
-# below it the blocks' matmuls are too small to hide an all-reduce, and each block reads the
-# layer's weights again (a decode step's batch pays that in full).
-OVERLAP_MIN_TOKENS = 2048
-
 # The version of the parameters' names and layouts. Converted checkpoints record it; one saved
 # in another version has to be converted again. 2: q/k/v and gate/up fused.
 PARAMS_VERSION = 2
@@ -100,13 +95,6 @@ class Llama(nnx.Module):
         # Layers under `lax.scan` (compile time flat in depth) or unrolled (each layer reads
         # its weights in place, where a scan may copy each layer's slice before a matmul).
         self.unroll_layers = False
-        # Tensor parallel steps of many tokens: a layer's two all-reduces (after o, after
-        # down) wait on nothing else on the card. With `overlap_parts` > 1, a step of at least
-        # `overlap_min_tokens` tokens runs o and the MLP on that many blocks of its rows, so
-        # one block's all-reduce can run under the next block's matmuls (XLA's latency-hiding
-        # scheduler places them; `jaxsgl.xla_flags`). Static: each setting its own program.
-        self.overlap_parts = 1
-        self.overlap_min_tokens = OVERLAP_MIN_TOKENS
         D, V = cfg.hidden_size, cfg.vocab_size
         self.embed = _param(rngs, (V, D), ("vocab", "embed"), dtype, 1)
         self.layers = LlamaLayers(cfg, dtype, rngs)
@@ -121,15 +109,12 @@ class Llama(nnx.Module):
         x = self.embed[...][batch.tokens]  # [T, D]
         cos, sin = rope_tables(cfg, batch.positions)  # [T, H/2] each
         weights = nnx.to_pure_dict(nnx.state(self.layers))
-        parts = self.overlap_parts
-        if x.shape[0] < self.overlap_min_tokens or x.shape[0] % parts:
-            parts = 1
 
         # The pool rides in the carry, so each layer's writes update it in place.
         def layer(carry, xs):
             x, kv = carry
             w, l = xs
-            return decoder_layer(cfg, attend, w, x, cos, sin, batch, kv, l, parts), None
+            return decoder_layer(cfg, attend, w, x, cos, sin, batch, kv, l), None
 
         if self.unroll_layers:
             for l in range(cfg.num_layers):
@@ -157,11 +142,9 @@ def decoder_layer(
     batch: ForwardBatch,
     kv: KVPool,
     l: jax.Array,
-    parts: int = 1,
 ) -> tuple[jax.Array, KVPool]:
     """Layer `l` on `x [T, D]`; `w` is its slice of the stacked weights. The step's K/V go
-    into the whole pool (only T rows written), which is returned. `parts` (dividing T): o and
-    the MLP run on that many blocks of rows, one after the other."""
+    into the whole pool (only T rows written), which is returned."""
     h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
     R = cfg.num_heads // cfg.num_kv_heads
     qkv = jnp.einsum("TD,DKJH->TKJH", h, w["w_qkv"])  # [T, K, J, H]
@@ -175,27 +158,12 @@ def decoder_layer(
         v=attention.write_kv(kv.v, l, v, batch.write_slots),
     )
     o = attend(q, kv.k, kv.v, l, batch, scale=cfg.head_dim**-0.5)  # [T, N, H]
-    if parts == 1:
-        return attention_out_and_mlp(cfg, w, x, o), kv
-    # Under tensor parallelism each block's o and down end in an all-reduce of the block
-    # alone, which XLA may run while the next block's matmuls do.
-    B = x.shape[0] // parts
-    blocks = [
-        attention_out_and_mlp(cfg, w, x[i * B : (i + 1) * B], o[i * B : (i + 1) * B])
-        for i in range(parts)
-    ]
-    return jnp.concatenate(blocks), kv
-
-
-def attention_out_and_mlp(
-    cfg: ModelConfig, w: dict[str, jax.Array], x: jax.Array, o: jax.Array
-) -> jax.Array:
-    """The rest of a layer on rows `x [B, D]` given their attention output `o [B, N, H]`."""
     x = x + jnp.einsum("TNH,NHD->TD", o, w["wo"])
+
     h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
     gate_up = jnp.einsum("TD,DAF->TAF", h, w["w_gate_up"])  # [T, 2, F]
     act = jax.nn.silu(gate_up[:, 0]) * gate_up[:, 1]  # [T, F]
-    return x + jnp.einsum("TF,FD->TD", act, w["w_down"])
+    return x + jnp.einsum("TF,FD->TD", act, w["w_down"]), kv
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
