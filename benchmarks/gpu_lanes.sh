@@ -54,7 +54,7 @@ export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVL
 OUT=${OUT:-benchmarks/results/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')-$(date +%F)}
 mkdir -p "$OUT"
 # SERVER_ARGS is added to every server's flags (e.g. "--num-continuous-decode-steps 8");
-# MODEL_ARGS and MT_SESSIONS shrink the runs for a dry run on the CPU.
+# MODEL_ARGS and MT_SESSIONS shrink the runs for a dry run on the CPU; MT_USERS, below.
 read -r -a MODEL <<< "${MODEL_ARGS:---model-path llama-3-8b --load-format dummy --dtype bfloat16}"
 # XLA's command buffers with the layer loop in them (they take while loops only when asked).
 GRAPHS=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,WHILE,CONDITIONAL
@@ -96,8 +96,11 @@ engine() {
     for f in "$OUT"/*.log; do echo "--- $f"; tail -n 6 "$f"; done
 }
 
-MT=(--dataset-name multi-turn --mt-num-sessions "${MT_SESSIONS:-256}" --mt-turns 5 --mt-turn-len 512
-    --mt-output-len 256 --max-concurrency 256 --warmup-requests 8 --flush-cache --seed 1)
+# MT_USERS: sessions in flight at once (the client's concurrency and the server's running
+# requests; the deployment guide's claim is for 512).
+USERS=${MT_USERS:-256}
+MT=(--dataset-name multi-turn --mt-num-sessions "${MT_SESSIONS:-$USERS}" --mt-turns 5 --mt-turn-len 512
+    --mt-output-len 256 --max-concurrency "$USERS" --warmup-requests 8 --flush-cache --seed 1)
 
 serve() {  # label, cards, port, seconds, "server flags", bench flags...
     local label=$1 cards=$2 port=$3 limit=$4 flags=$5
@@ -105,7 +108,7 @@ serve() {  # label, cards, port, seconds, "server flags", bench flags...
     local t0=$SECONDS
     # shellcheck disable=SC2086 # the server flags are words
     CUDA_VISIBLE_DEVICES=$cards python -m jaxsgl.launch_server "${MODEL[@]}" \
-        --host 127.0.0.1 --port "$port" --max-running-requests 256 --log-level warning \
+        --host 127.0.0.1 --port "$port" --max-running-requests "$USERS" --log-level warning \
         $flags ${SERVER_ARGS:-} > "$OUT/$label.server.log" 2>&1 &
     local server=$!
     until curl -sf --max-time 5 "localhost:$port/health" > /dev/null; do
