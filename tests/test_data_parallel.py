@@ -5,6 +5,7 @@ shared prefix on one replica, so its hit rate beats round-robin's on grouped pro
 from __future__ import annotations
 
 import random
+import time
 
 import jax
 import pytest
@@ -72,3 +73,35 @@ def test_cache_aware_routing_beats_round_robin_on_grouped_prompts(tmp_path):
     make_tiny("llama31_tied_gqa4", tmp_path)
     aware, rr = _hit_rate("cache_aware", tmp_path), _hit_rate("round_robin", tmp_path)
     assert aware >= 1.5 * rr > 0, (aware, rr)
+
+
+def test_first_replica_compiles_before_the_others_start(tmp_path, monkeypatch):
+    """Warm-up of replica 0 ends before any other replica's begins: on GPUs those find its
+    programs in the persistent compilation cache. Each replica still warms every shape, and
+    the replicas then serve."""
+    from jaxsgl.engine.model_runner import ModelRunner
+
+    make_tiny("llama31_tied_gqa4", tmp_path / "model")
+    spans = {}  # first device id -> (start, end, shapes warmed)
+    warmup = ModelRunner.warmup
+
+    def timed(self, *args, **kwargs):
+        start = time.perf_counter()
+        n = warmup(self, *args, **kwargs)
+        spans[self.loaded.mesh.devices.flat[0].id] = (start, time.perf_counter(), n)
+        return n
+
+    monkeypatch.setattr(ModelRunner, "warmup", timed)
+    options = {**COMMON, "warmup": True, "context_length": 32, "max_running_requests": 1,
+               "chunked_prefill_size": 16}  # fmt: skip
+    with Generator(
+        str(tmp_path / "model"), load_format="dummy", dp_size=2, tp_size=1,
+        compilation_cache_dir=str(tmp_path / "xla"), progress=False, **options,
+    ) as g:  # fmt: skip
+        out = g.generate(input_ids=[[5, 6, 7]] * 2, sampling_params=GREEDY)
+        assert [len(r["output_ids"]) for r in out] == [12] * 2
+        assert g.check_integrity() == {"running": 0, "waiting": 0}
+    assert sorted(spans) == [0, 1]
+    first_end, shapes = spans[0][1], spans[0][2]
+    assert shapes > 1 and all(n == shapes for _, _, n in spans.values())
+    assert spans[1][0] >= first_end

@@ -87,9 +87,16 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, options: EngineOptions, progress: bool = True, devices=None):
+    def __init__(
+        self,
+        options: EngineOptions,
+        progress: bool = True,
+        devices=None,
+        compile_threads: int | None = None,
+    ):
         """`devices`: this engine's share of the machine (a data-parallel replica's group);
-        None: the first `tp_size` devices."""
+        None: the first `tp_size` devices. `compile_threads`: how many step shapes warm-up
+        compiles at once (default: the cores, shared out over `dp_size` replicas)."""
         self.options = options
         enable_compilation_cache(options.compilation_cache_dir)
         mesh = make_mesh(options.tp_size, devices=devices)
@@ -136,14 +143,14 @@ class Engine:
         )
         self.scheduler = Scheduler(options, num_pages, self.context_length)
         if options.warmup:
+            cores = os.cpu_count() or 1
             self.runner.warmup(
                 options.max_running_requests,
                 self.context_length,
                 options.chunk_tokens,
                 progress=progress,
                 decode_steps=options.num_continuous_decode_steps,
-                # Data-parallel replicas warm up side by side: each takes its share of the cores.
-                compile_threads=max(1, (os.cpu_count() or 1) // options.dp_size),
+                compile_threads=compile_threads or max(1, cores // options.dp_size),
             )
         self.stats = EngineStats()
         self.outputs: dict[int, OutputState] = {}

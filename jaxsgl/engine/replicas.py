@@ -10,6 +10,7 @@ per id), its load the requests a replica holds.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,11 +38,15 @@ class Replicas:
         groups = [devices[i * tp : (i + 1) * tp] for i in range(dp)] if dp > 1 else [None]
         if len(groups) == 1:
             self.engines = [Engine(options, progress, devices=groups[0])]
-        else:  # each replica compiles programs of its own devices: build them side by side
-            with ThreadPoolExecutor(max_workers=len(groups)) as pool:
-                self.engines = list(
-                    pool.map(lambda g: Engine(options, progress, devices=g), groups)
-                )
+        else:
+            # Each replica's programs are its own devices', but on GPUs the persistent
+            # compilation cache keys a program without its devices: the first replica
+            # compiles every step shape with all the cores, and the others, built after it
+            # side by side, load those programs from the cache instead of compiling them.
+            first = Engine(options, progress, devices=groups[0], compile_threads=os.cpu_count())
+            with ThreadPoolExecutor(max_workers=len(groups) - 1) as pool:
+                rest = pool.map(lambda g: Engine(options, progress, devices=g), groups[1:])
+                self.engines = [first, *rest]
         self.policy = make_policy(options.load_balance_method)
         self._loads = [0] * len(self.engines)  # requests submitted and not yet finished
         self._lock = threading.Lock()
