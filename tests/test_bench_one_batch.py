@@ -59,11 +59,15 @@ def test_rows_follow_from_their_measurements_and_each_case_is_traced(tmp_path, m
         assert folder == os.path.join(
             tmp_path, "traces", f"bench_one_batch-tp{tp}-bs{bs}-in20-out4"
         )
-        (trace,) = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
-        with gzip.open(trace) as f:
-            events = json.load(f)
-        events = events["traceEvents"] if isinstance(events, dict) else events
-        # The three traced launches of the runner's compiled step, and nothing of the timing
-        # before them.
-        launches = [e for e in events if e.get("ph") == "X" and "_step" in str(e.get("name"))]
-        assert launches, "no launch of the step program in the trace"
+        # The traced launches of the runner's compiled step: three decode launches in the
+        # case's folder, one prefill in its "-prefill" sibling.
+        for traced in (folder, folder + "-prefill"):
+            assert _step_launches(traced), f"no launch of the step program in {traced}"
+
+
+def _step_launches(folder: str) -> list[dict]:
+    (trace,) = glob.glob(os.path.join(folder, "**", "perfetto_trace.json.gz"), recursive=True)
+    with gzip.open(trace) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return [e for e in events if e.get("ph") == "X" and "_step" in str(e.get("name"))]
