@@ -1,13 +1,15 @@
 """ModelCost from a config alone, against the parameters of the model jaxsgl actually builds;
 the KV cache's element types and the device's default extend step size."""
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import pytest
 
 from jaxsgl.config import PRESETS, config_for
 from jaxsgl.engine.options import EngineOptions
-from jaxsgl.engine.sizing import chunked_prefill_default
+from jaxsgl.engine.sizing import chunked_prefill_default, chunked_prefill_size_for
 from jaxsgl.model.forward_batch import kv_dtype
 from jaxsgl.model.loader import abstract_model, write_config
 from jaxsgl.model_cost import ModelCost
@@ -87,3 +89,19 @@ def test_chunked_prefill_default_follows_the_device():
     assert EngineOptions().chunk_tokens == 2048  # unresolved options: the small default
     assert EngineOptions(chunked_prefill_size=8192).chunk_tokens == 8192
     assert EngineOptions(chunked_prefill_size=-1, max_prefill_tokens=4096).chunk_tokens == 4096
+
+
+def test_a_chunk_over_the_prefill_cap_is_reported(caplog):
+    """--chunked-prefill-size above --max-prefill-tokens: steps take the cap, and the engine
+    says so at start instead of running smaller steps than asked without a word."""
+    over = EngineOptions(chunked_prefill_size=32768)
+    with caplog.at_level(logging.WARNING, logger="jaxsgl.engine.sizing"):
+        assert chunked_prefill_size_for(over, loaded=None) == 32768
+    assert over.chunk_tokens == 16384
+    (record,) = caplog.records
+    assert "32768" in record.getMessage() and "at most 16384" in record.getMessage()
+    caplog.clear()
+    at_cap = EngineOptions(chunked_prefill_size=16384)
+    with caplog.at_level(logging.WARNING, logger="jaxsgl.engine.sizing"):
+        assert chunked_prefill_size_for(at_cap, loaded=None) == 16384
+    assert not caplog.records

@@ -40,14 +40,22 @@ def chunked_prefill_default(platform: str, memory_bytes: int | None, tp_size: in
 
 def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int:
     """`options.chunked_prefill_size`, or the device's default when it is None."""
-    if options.chunked_prefill_size is not None:
-        return options.chunked_prefill_size
-    device, stats = _memory_stats(loaded)
-    tp = tensor_size(loaded.mesh)
-    size = chunked_prefill_default(device.platform, stats.get("bytes_limit"), tp)
-    logger.info(
-        "chunked prefill: %d tokens an extend step (%s, TP %d)", size, device.device_kind, tp
-    )
+    size = options.chunked_prefill_size
+    if size is None:
+        device, stats = _memory_stats(loaded)
+        tp = tensor_size(loaded.mesh)
+        size = chunked_prefill_default(device.platform, stats.get("bytes_limit"), tp)
+        logger.info(
+            "chunked prefill: %d tokens an extend step (%s, TP %d)", size, device.device_kind, tp
+        )
+    if size > options.max_prefill_tokens:
+        logger.warning(
+            "chunked prefill size %d is more than max prefill tokens %d: an extend step takes "
+            "at most %d new tokens (raise --max-prefill-tokens for larger steps)",
+            size,
+            options.max_prefill_tokens,
+            options.max_prefill_tokens,
+        )
     return size
 
 
