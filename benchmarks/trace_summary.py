@@ -21,7 +21,8 @@ import os
 
 KINDS = (  # first match wins; names as NCCL, cuBLAS and our kernels spell them
     ("collective", ("nccl", "all_reduce", "allreduce", "all-reduce", "one_shot")),
-    ("attention", ("attention",)),
+    # The Hopper extend kernel is our one Mosaic GPU kernel: its trace name is Mosaic's own.
+    ("attention", ("attention", "mosaic_gpu")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "dot")),
     ("copy", ("memcpy", "memset")),
 )

@@ -36,6 +36,7 @@ def test_busy_idle_and_kinds():
             kernel(1, 7, 200, 50, "sm90_xmma_gemm_bf16"),
             kernel(1, 9, 240, 30, "ncclDevKernel_AllReduce_Sum_bf16_RING_LL"),  # overlaps 10
             kernel(1, 7, 300, 20, "paged_decode_attention"),
+            kernel(1, 7, 330, 15, "entry_mosaic_gpu_kernel"),  # the Hopper extend kernel
             kernel(1, 7, 400, 10, "loop_add_fusion"),
             kernel(1, 2, 200, 210, "while.3"),  # a derived line spanning the kernels: ignored
             kernel(5, 1, 0, 1000, "python"),  # host: ignored
@@ -43,11 +44,11 @@ def test_busy_idle_and_kinds():
     }
     (row,) = trace_summary.summarize(trace_summary.device_events(trace), "ragged_extend")
     assert row["span_ms"] == pytest.approx(0.210)  # 200 .. 410
-    assert row["busy_ms"] == pytest.approx((70 + 20 + 10) / 1e3)
-    assert row["idle_ms"] == pytest.approx(0.110)
+    assert row["busy_ms"] == pytest.approx((70 + 20 + 15 + 10) / 1e3)
+    assert row["idle_ms"] == pytest.approx(0.095)
     assert row["collective_ms"] == pytest.approx(0.030)
     assert row["matmul_ms"] == pytest.approx(0.050)
-    assert row["attention_ms"] == pytest.approx(0.020)
+    assert row["attention_ms"] == pytest.approx(0.035)
     assert row["other_ms"] == pytest.approx(0.010)
     assert row["collectives"] == 1
 
