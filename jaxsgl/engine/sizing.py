@@ -39,7 +39,9 @@ def chunked_prefill_default(platform: str, memory_bytes: int | None, tp_size: in
 
 
 def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int:
-    """`options.chunked_prefill_size`, or the device's default when it is None."""
+    """`options.chunked_prefill_size`, or the device's default when it is None; a size over
+    `options.max_prefill_tokens` (which caps every step, `EngineOptions.chunk_tokens`) is
+    reported."""
     size = options.chunked_prefill_size
     if size is None:
         device, stats = _memory_stats(loaded)
@@ -50,10 +52,9 @@ def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int
         )
     if size > options.max_prefill_tokens:
         logger.warning(
-            "chunked prefill size %d is more than max prefill tokens %d: an extend step takes "
-            "at most %d new tokens (raise --max-prefill-tokens for larger steps)",
+            "chunked prefill size %d is over max prefill tokens: an extend step takes at most "
+            "%d new tokens (raise --max-prefill-tokens for larger steps)",
             size,
-            options.max_prefill_tokens,
             options.max_prefill_tokens,
         )
     return size
