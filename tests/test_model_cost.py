@@ -9,7 +9,11 @@ import pytest
 
 from jaxsgl.config import PRESETS, config_for
 from jaxsgl.engine.options import EngineOptions
-from jaxsgl.engine.sizing import chunked_prefill_default, chunked_prefill_size_for
+from jaxsgl.engine.sizing import (
+    check_collective_headroom,
+    chunked_prefill_default,
+    chunked_prefill_size_for,
+)
 from jaxsgl.model.forward_batch import kv_dtype
 from jaxsgl.model.loader import abstract_model, write_config
 from jaxsgl.model_cost import ModelCost
@@ -105,3 +109,31 @@ def test_a_chunk_over_the_prefill_cap_is_reported(caplog):
     with caplog.at_level(logging.WARNING, logger="jaxsgl.engine.sizing"):
         assert chunked_prefill_size_for(at_cap, loaded=None) == 16384
     assert not caplog.records
+
+
+@pytest.mark.parametrize(
+    "card_gib, fraction, tp, warned",
+    [
+        (80, "0.92", 4, True),  # 6.4 GB outside the pool: hung at the first all-reduce
+        (80, "0.87", 4, False),  # 10.4 GB: served
+        (141, "0.92", 4, False),  # an H200's 11.3 GB: served
+        (80, "0.92", 1, False),  # no collectives
+        (80, None, 2, False),  # JAX's default pool, three quarters of the card
+    ],
+)
+def test_too_little_memory_outside_the_pool_for_collectives_is_reported(
+    caplog, monkeypatch, card_gib, fraction, tp, warned
+):
+    if fraction is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", fraction)
+    pool = card_gib * 2**30 * float(fraction or 0.75)  # the limit XLA's pool reports
+    with caplog.at_level(logging.WARNING, logger="jaxsgl.engine.sizing"):
+        check_collective_headroom(int(pool), tp)
+    assert bool(caplog.records) == warned
+    if warned:
+        assert f"TP {tp}" in caplog.records[0].getMessage()
+        assert (
+            f"leaves {card_gib * (1 - float(fraction)):.1f} GiB" in caplog.records[0].getMessage()
+        )

@@ -4,6 +4,7 @@ extend step takes by default."""
 from __future__ import annotations
 
 import logging
+import os
 
 from jaxsgl.config import ModelConfig
 from jaxsgl.engine.options import DEFAULT_CHUNKED_PREFILL_SIZE, EngineOptions
@@ -14,6 +15,10 @@ from jaxsgl.sharding import num_devices, sharded_config, tensor_size
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_TOKENS = 16384  # no memory statistics on the CPU: a modest pool
+# NCCL's buffers (and CUDA's own) live outside XLA's pool. On 80 GB H100s at TP 2 and TP 4,
+# 6 GB outside it was too little (the first all-reduce could not allocate its memory and the
+# others waited for it forever) and 10 GB enough; 11 GB served on H200s (RESULTS.md).
+MIN_COLLECTIVE_HEADROOM = 8 * 2**30
 
 
 def context_length_for(options: EngineOptions, cfg: ModelConfig) -> int:
@@ -80,10 +85,33 @@ def _memory_stats(loaded: LoadedModel):
     return device, stats or {}
 
 
+def collective_headroom(bytes_limit: int, pool_fraction: float) -> float:
+    """Bytes of a device outside XLA's pool of `bytes_limit`, the pool being `pool_fraction`
+    of the device (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75)."""
+    return bytes_limit * (1 - pool_fraction) / pool_fraction
+
+
+def check_collective_headroom(bytes_limit: int, tp_size: int) -> None:
+    """Warn when tensor parallelism's collectives may not find memory outside XLA's pool."""
+    fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
+    outside = collective_headroom(bytes_limit, fraction)
+    if tp_size > 1 and outside < MIN_COLLECTIVE_HEADROOM:
+        logger.warning(
+            "XLA_PYTHON_CLIENT_MEM_FRACTION=%s leaves %.1f GiB of each device outside XLA's "
+            "pool; TP %d's all-reduces need about %d GiB there (with less, the first one can "
+            "hang): lower it",
+            fraction,
+            outside / 2**30,
+            tp_size,
+            MIN_COLLECTIVE_HEADROOM // 2**30,
+        )
+
+
 def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | None:
     _, stats = _memory_stats(loaded)
     if "bytes_limit" not in stats:
         return None
+    check_collective_headroom(stats["bytes_limit"], tensor_size(loaded.mesh))
     budget = stats["bytes_limit"] * options.mem_fraction_static - stats["bytes_in_use"]
     cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
     # The pool splits over kv heads across the tensor axis (when they divide it).
