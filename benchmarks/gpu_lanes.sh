@@ -49,7 +49,17 @@
 #   probe      lanes: the extend kernels' ragged checks and sweep (card 0); greedy parity of
 #              both backends at TP 1 and TP 2 (cards 2,3; a stack dump if it runs out of time).
 set -u
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# XLA's pool takes 0.92 of each card unless set; the rest holds CUDA's own buffers and NCCL's.
+# On cards under 100 GB a tensor-parallel server's pool takes 0.87 (TP_MEM_FRACTION): 0.08 of
+# an 80 GB card is too little for NCCL (see jaxsgl/engine/sizing.py).
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
+CARD_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2> /dev/null | head -1)
+if ((${CARD_MIB:-0} < 100000)); then
+    TP_MEM_FRACTION=${TP_MEM_FRACTION:-0.87}
+else
+    TP_MEM_FRACTION=${TP_MEM_FRACTION:-$XLA_PYTHON_CLIENT_MEM_FRACTION}
+fi
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 OUT=${OUT:-benchmarks/results/$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' '-')-$(date +%F)}
 mkdir -p "$OUT"
@@ -105,9 +115,10 @@ MT=(--dataset-name multi-turn --mt-num-sessions "${MT_SESSIONS:-$USERS}" --mt-tu
 serve() {  # label, cards, port, seconds, "server flags", bench flags...
     local label=$1 cards=$2 port=$3 limit=$4 flags=$5
     shift 5
-    local t0=$SECONDS
+    local t0=$SECONDS fraction=$XLA_PYTHON_CLIENT_MEM_FRACTION
+    [[ $flags == *--tp-size* ]] && fraction=$TP_MEM_FRACTION
     # shellcheck disable=SC2086 # the server flags are words
-    CUDA_VISIBLE_DEVICES=$cards python -m jaxsgl.launch_server "${MODEL[@]}" \
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction CUDA_VISIBLE_DEVICES=$cards python -m jaxsgl.launch_server "${MODEL[@]}" \
         --host 127.0.0.1 --port "$port" --max-running-requests "$USERS" --log-level warning \
         $flags ${SERVER_ARGS:-} > "$OUT/$label.server.log" 2>&1 &
     local server=$!
