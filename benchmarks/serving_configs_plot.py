@@ -54,7 +54,9 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.8))
+    ncol = min(len(configs), 3)  # the legend's columns, under the panels
+    legend_rows = -(-len(configs) // ncol)
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.8 + 0.25 * legend_rows))
     x = np.arange(len(RUNS))
     width = 0.8 / len(configs)
     for ax, (title, key, goals) in zip(axes, PANELS, strict=True):
@@ -62,7 +64,7 @@ def main(argv=None) -> None:
             values = [rows[name][key] if name in rows else np.nan for name, _ in RUNS]
             bars = ax.bar(x + i * width, values, width, label=label)
             labels = [f"{v:.2f}" if np.isfinite(v) else "" for v in values]
-            ax.bar_label(bars, labels=labels, fontsize="small")
+            ax.bar_label(bars, labels=labels, fontsize="x-small", rotation=90, padding=2)
         for value, text in goals:
             ax.axhline(value, color="k", linestyle="--", linewidth=1)
             ax.annotate(text, (x[0] - 0.1, value), ha="left", va="bottom", fontsize="small")
@@ -71,8 +73,8 @@ def main(argv=None) -> None:
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(configs), fontsize="small")
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize="small")
+    fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.01, 1, 1))
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
 
