@@ -27,7 +27,7 @@
 #   four-1     lanes: the GPU's ceilings, TP 1 without the radix cache, then the random
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
-#   four-3     DP 4 with the radix cache.
+#   four-3     DP 4 with the radix cache (MT_LIMIT: its time limit, start included).
 #   tp4-profile  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) with a trace of
 #              its decode launches, then the same at TP 1 on card 0; each trace summed by kernel
 #              kind.
@@ -340,8 +340,8 @@ four-2() {
         --result-file "$OUT/one_batch.jsonl"
 }
 
-four-3() {  # four replicas compile their step shapes side by side: over three minutes
-    serve mt-dp4-radix 0,1,2,3 30000 390 "--context-length 4096 --dp-size 4" "${MT[@]}"
+four-3() {  # replica 0 compiles the step shapes, the other three load them; MT_LIMIT seconds
+    serve mt-dp4-radix 0,1,2,3 30000 "${MT_LIMIT:-390}" "--context-length 4096 --dp-size 4" "${MT[@]}"
 }
 
 probe() {
