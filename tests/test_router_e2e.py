@@ -177,6 +177,53 @@ def test_a_worker_added_at_run_time_gets_traffic(pair):
         assert workers[b.url]["pool"] == "default" and workers[b.url]["requests_total"] == 2
 
 
+def test_bench_serving_runs_through_the_router_as_against_one_server_of_two_replicas(
+    pair, tmp_path
+):
+    """/flush_cache reaches every worker, /server_info merges theirs (dp_size 2, counters
+    added up), /model_info is a worker's: bench_serving's multi-turn run through the router
+    counts two devices and the workers' steps."""
+    a, b = pair
+    with RouterProcess("--worker-urls", a.url, b.url) as router:
+        deadline = time.monotonic() + 30  # a check may miss a worker still busy from before
+        while not all(w["healthy"] for w in router.workers().values()):
+            assert time.monotonic() < deadline, router.workers()
+            time.sleep(0.2)
+        status, body = _post_raw(router.url + "/flush_cache", b"")
+        assert status == 200 and b"2 workers" in body, body
+        assert [w.server_info()["num_cached_pages"] for w in pair] == [0, 0]
+        out = tmp_path / "mt.json"
+        bench = [sys.executable, "-m", "jaxsgl.bench_serving", "--backend", "jaxsgl",
+                 "--base-url", router.url, "--dataset-name", "multi-turn", "--mt-num-sessions",
+                 "4", "--mt-turns", "3", "--mt-turn-len", "32", "--mt-output-len", "8",
+                 "--max-concurrency", "4", "--warmup-requests", "0", "--flush-cache",
+                 "--seed", "3", "--output-file", str(out)]  # fmt: skip
+        done = subprocess.run(bench, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        result = json.loads(out.read_text())
+        assert result["summary"]["completed"] == 12 and result["summary"]["num_devices"] == 2
+        # Each later turn goes where its session's earlier turns went and finds them cached:
+        # the whole pages of what the last turn wrote (its prompt and all its tokens but the
+        # last), 32 + 64 of each session's 32 + 72 + 112 prompt tokens.
+        assert result["summary"]["cache_hit_rate"] == pytest.approx(96 / 216)
+        each = [w.server_info() for w in pair]
+        status, body = router.get("/server_info")
+        assert status == 200, body
+        merged = json.loads(body)
+        assert merged["dp_size"] == 2 and merged["tp_size"] == 1 and merged["num_workers"] == 2
+        for key in ("extend_steps_total", "decode_steps_total", "prompt_tokens_total"):
+            assert merged[key] == each[0][key] + each[1][key], key
+        assert merged["cache_hit_rate"] == pytest.approx(
+            (each[0]["cached_tokens_total"] + each[1]["cached_tokens_total"])
+            / merged["prompt_tokens_total"]
+        )
+        assert merged["integrity"] == [e["integrity"] for e in each]
+        # The run's extend steps, as bench_serving recorded them, are the two workers' own.
+        assert 0 < result["settings"]["server_extend_steps"] <= merged["extend_steps_total"]
+        status, body = router.get("/model_info")
+        assert status == 200 and json.loads(body) == json.loads(a.get("/model_info")[1])
+
+
 async def read_stream(session, url: str, body: dict, started: asyncio.Event) -> tuple[str, list]:
     """(worker, events) of one stream; `started` is set at its first event."""
     events = []

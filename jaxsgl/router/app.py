@@ -7,6 +7,9 @@ GET  /metrics        Prometheus text (`jaxsgl.router.metrics`)
 POST /add_worker     {"url": ..., "pool": ...}: checked once, then routed to when healthy
 POST /remove_worker  {"url": ...}
 GET  /list_workers   every worker with its pool, health, in-flight and totals
+GET  /server_info    every healthy worker's, merged (`jaxsgl.router.aggregate`)
+GET  /model_info     the first healthy worker's
+POST /flush_cache    sent to every healthy worker; 200 only if each flushed
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import logging
 import aiohttp
 from aiohttp import web
 
+from jaxsgl.router.aggregate import merge_server_info
 from jaxsgl.router.errors import HTTPError, auth_middleware, error_middleware, parse_json_object
 from jaxsgl.router.features import request_features
 from jaxsgl.router.metrics import RouterMetrics
@@ -70,6 +74,11 @@ def create_app(
     app.router.add_post("/add_worker", _add_worker)
     app.router.add_post("/remove_worker", _remove_worker)
     app.router.add_get("/list_workers", _list_workers)
+    for path in ("/server_info", "/get_server_info"):  # the server's names, SGLang's too
+        app.router.add_get(path, _server_info)
+    for path in ("/model_info", "/get_model_info"):
+        app.router.add_get(path, _model_info)
+    app.router.add_post("/flush_cache", _flush_cache)
     app.cleanup_ctx.append(_lifetime)
     return app
 
@@ -137,6 +146,57 @@ async def _models(request: web.Request) -> web.Response:
     if not models:
         raise HTTPError(502, "no worker listed its models", "server_error")
     return web.json_response({"object": "list", "data": list(models.values())})
+
+
+async def _each_worker(request: web.Request, method: str, path: str) -> list[tuple]:
+    """(worker, status, body) from every healthy worker, asked at once; 503 if none is."""
+    router = request.app[ROUTER]
+    workers = router.workers.healthy()
+    if not workers:
+        raise HTTPError(503, "no healthy worker", "server_error")
+    headers = _worker_auth(router, request)
+
+    async def ask(w):
+        try:
+            async with router.upstream.session.request(method, w.url + path, headers=headers) as r:
+                json_body = r.content_type == "application/json"
+                return w, r.status, await (r.json() if json_body else r.text())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+            return w, 502, str(e)
+
+    return await asyncio.gather(*(ask(w) for w in workers))
+
+
+async def _server_info(request: web.Request) -> web.Response:
+    answers = await _each_worker(request, "GET", "/server_info")
+    failed = [w.url for w, status, body in answers if status != 200 or not isinstance(body, dict)]
+    if failed:
+        raise HTTPError(502, f"no server_info from {', '.join(failed)}", "server_error")
+    return web.json_response(merge_server_info([body for _, _, body in answers]))
+
+
+async def _model_info(request: web.Request) -> web.Response:
+    router = request.app[ROUTER]
+    workers = router.workers.healthy(router.config.rules.default_pool) or router.workers.healthy()
+    if not workers:
+        raise HTTPError(503, "no healthy worker", "server_error")
+    url = workers[0].url + "/model_info"
+    try:
+        async with router.upstream.session.get(url, headers=_worker_auth(router, request)) as r:
+            return web.Response(status=r.status, body=await r.read(), content_type=r.content_type)
+    except (aiohttp.ClientError, TimeoutError) as e:
+        raise HTTPError(502, f"GET {url} failed: {e}", "server_error") from None
+
+
+async def _flush_cache(request: web.Request) -> web.Response:
+    answers = await _each_worker(request, "POST", "/flush_cache")
+    failed = [(w, status) for w, status, _ in answers if status != 200]
+    if failed:  # a worker with running requests answers 400: so does the router
+        busy = all(s == 400 for _, s in failed)
+        where = ", ".join(f"{w.url} ({s})" for w, s in failed)
+        message = f"cache not flushed on {where}"
+        raise HTTPError(400, message) if busy else HTTPError(502, message, "server_error")
+    return web.Response(text=f"Cache flushed on {len(answers)} workers.")
 
 
 async def _health(request: web.Request) -> web.Response:
