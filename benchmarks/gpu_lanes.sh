@@ -28,6 +28,8 @@
 #              512/256 scenario; TP 1 with it, then bench_one_batch at TP 1; TP 2 with it.
 #   four-2     TP 4 with the radix cache, then bench_one_batch at TP 4.
 #   four-3     DP 4 with the radix cache (MT_LIMIT: its time limit, start included).
+#   four-3r    DP 4 as four one-card servers behind jaxsgl.router (cache-aware), started one
+#              then three so the three load the first one's compiled programs.
 #   tp4-profile  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) with a trace of
 #              its decode launches, then the same at TP 1 on card 0; each trace summed by kernel
 #              kind.
@@ -112,28 +114,46 @@ USERS=${MT_USERS:-256}
 MT=(--dataset-name multi-turn --mt-num-sessions "${MT_SESSIONS:-$USERS}" --mt-turns 5 --mt-turn-len 512
     --mt-output-len 256 --max-concurrency "$USERS" --warmup-requests 8 --flush-cache --seed 1)
 
-serve() {  # label, cards, port, seconds, "server flags", bench flags...
-    local label=$1 cards=$2 port=$3 limit=$4 flags=$5
-    shift 5
-    local t0=$SECONDS fraction=$XLA_PYTHON_CLIENT_MEM_FRACTION
+launch() {  # label, cards, port, "server flags": a server in the background, its pid in SERVER_PID
+    local label=$1 cards=$2 port=$3 flags=$4 fraction=$XLA_PYTHON_CLIENT_MEM_FRACTION
     [[ $flags == *--tp-size* ]] && fraction=$TP_MEM_FRACTION
     # shellcheck disable=SC2086 # the server flags are words
     XLA_PYTHON_CLIENT_MEM_FRACTION=$fraction CUDA_VISIBLE_DEVICES=$cards python -m jaxsgl.launch_server "${MODEL[@]}" \
         --host 127.0.0.1 --port "$port" --max-running-requests "$USERS" --log-level warning \
         $flags ${SERVER_ARGS:-} > "$OUT/$label.server.log" 2>&1 &
-    local server=$!
-    until curl -sf --max-time 5 "localhost:$port/health" > /dev/null; do
-        if ! kill -0 "$server" 2> /dev/null || ((SECONDS - t0 > limit)); then
-            echo "== $label: the server did not come up"
-            kill "$server" 2> /dev/null
-            wait "$server" 2> /dev/null
-            return
+    SERVER_PID=$!
+}
+
+wait_up() {  # port, pid, start time, seconds: 0 once /health answers, 1 if the process ends first or time runs out
+    until curl -sf --max-time 5 "localhost:$1/health" > /dev/null; do
+        if ! kill -0 "$2" 2> /dev/null || ((SECONDS - $3 > $4)); then
+            return 1
         fi
         sleep 2
     done
-    local up=$((SECONDS - t0))
-    timeout $((limit > up + 1 ? limit - up : 1)) python -m jaxsgl.bench_serving --backend jaxsgl --port "$port" \
+}
+
+bench() {  # label, port, seconds left, bench flags...
+    local label=$1 port=$2 left=$3
+    shift 3
+    timeout $((left > 1 ? left : 1)) python -m jaxsgl.bench_serving --backend jaxsgl --port "$port" \
         --label "$label" --output-file "$OUT/$label.json" "$@" > "$OUT/$label.log" 2>&1
+}
+
+serve() {  # label, cards, port, seconds, "server flags", bench flags...
+    local label=$1 cards=$2 port=$3 limit=$4 flags=$5
+    shift 5
+    local t0=$SECONDS
+    launch "$label" "$cards" "$port" "$flags"
+    local server=$SERVER_PID
+    if ! wait_up "$port" "$server" "$t0" "$limit"; then
+        echo "== $label: the server did not come up"
+        kill "$server" 2> /dev/null
+        wait "$server" 2> /dev/null
+        return
+    fi
+    local up=$((SECONDS - t0))
+    bench "$label" "$port" $((limit - up)) "$@"
     echo "== $label (cards $cards): exit $?, server up in $up s, $((SECONDS - t0)) s in all"
     kill "$server"
     wait "$server" 2> /dev/null
@@ -344,6 +364,36 @@ four-3() {  # replica 0 compiles the step shapes, the other three load them; MT_
     serve mt-dp4-radix 0,1,2,3 30000 "${MT_LIMIT:-390}" "--context-length 4096 --dp-size 4" "${MT[@]}"
 }
 
+four-3r() {  # DP 4 x TP 1 as four servers behind the router (MT_LIMIT seconds in all)
+    # Card 0's server compiles the step shapes; cards 1-3's then start side by side, each in
+    # its own process, and load them from its compilation cache.
+    local limit=${MT_LIMIT:-540} t0=$SECONDS label=mt-dp4r-radix pids=() urls=() card
+    for card in 0 1 2 3; do
+        launch "$label-worker$card" "$card" $((30010 + card)) "--context-length 4096"
+        pids+=("$SERVER_PID")
+        urls+=("http://127.0.0.1:$((30010 + card))")
+        if [ "$card" = 0 ] && wait_up 30010 "$SERVER_PID" "$t0" "$limit"; then
+            echo "== $label: card 0's server up in $((SECONDS - t0)) s"
+        fi
+    done
+    local up=ok
+    for card in 1 2 3; do
+        wait_up $((30010 + card)) "${pids[$card]}" "$t0" "$limit" || up=
+    done
+    python -m jaxsgl.router --worker-urls "${urls[@]}" --port 30000 --log-level warning \
+        > "$OUT/$label.router.log" 2>&1 &
+    pids+=($!)
+    if [ -n "$up" ] && wait_up 30000 "${pids[4]}" "$t0" "$limit"; then
+        local ready=$((SECONDS - t0))
+        bench "$label" 30000 $((limit - ready)) "${MT[@]}"
+        echo "== $label: exit $?, four servers and the router up in $ready s, $((SECONDS - t0)) s in all"
+    else
+        echo "== $label: the servers did not come up"
+    fi
+    kill "${pids[@]}" 2> /dev/null
+    wait "${pids[@]}" 2> /dev/null
+}
+
 probe() {
     # Lanes: the extend kernels on card 0 (the Hopper kernel's ragged checks first, in their
     # own process, as a hang there must not cost the sweep); greedy parity of both backends at
@@ -384,4 +434,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-mt, tp4-profile, tp4-variants, tp4-launch, tp4-nccl, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-3r, four-mt, tp4-profile, tp4-variants, tp4-launch, tp4-nccl, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
