@@ -68,6 +68,9 @@ def chunked_prefill_size_for(options: EngineOptions, loaded: LoadedModel) -> int
 def kv_pages_for(options: EngineOptions, loaded: LoadedModel, context_length: int) -> int:
     """Pages in the pool, page 0 (scratch) included."""
     G = options.page_size
+    _, stats = _memory_stats(loaded)
+    if "bytes_limit" in stats:  # however the pool is sized, the collectives need room outside
+        check_collective_headroom(stats["bytes_limit"], tensor_size(loaded.mesh))
     if options.max_total_tokens is not None:
         tokens = options.max_total_tokens
     else:
@@ -85,16 +88,12 @@ def _memory_stats(loaded: LoadedModel):
     return device, stats or {}
 
 
-def collective_headroom(bytes_limit: int, pool_fraction: float) -> float:
-    """Bytes of a device outside XLA's pool of `bytes_limit`, the pool being `pool_fraction`
-    of the device (XLA_PYTHON_CLIENT_MEM_FRACTION, JAX's default 0.75)."""
-    return bytes_limit * (1 - pool_fraction) / pool_fraction
-
-
 def check_collective_headroom(bytes_limit: int, tp_size: int) -> None:
-    """Warn when tensor parallelism's collectives may not find memory outside XLA's pool."""
+    """Warn when tensor parallelism's collectives may not find memory outside XLA's pool of
+    `bytes_limit`, the pool being XLA_PYTHON_CLIENT_MEM_FRACTION of the device (JAX's default
+    0.75)."""
     fraction = float(os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.75"))
-    outside = collective_headroom(bytes_limit, fraction)
+    outside = bytes_limit * (1 - fraction) / fraction
     if tp_size > 1 and outside < MIN_COLLECTIVE_HEADROOM:
         logger.warning(
             "XLA_PYTHON_CLIENT_MEM_FRACTION=%s leaves %.1f GiB of each device outside XLA's "
@@ -111,7 +110,6 @@ def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | No
     _, stats = _memory_stats(loaded)
     if "bytes_limit" not in stats:
         return None
-    check_collective_headroom(stats["bytes_limit"], tensor_size(loaded.mesh))
     budget = stats["bytes_limit"] * options.mem_fraction_static - stats["bytes_in_use"]
     cfg = sharded_config(loaded.config, tensor_size(loaded.mesh))
     # The pool splits over kv heads across the tensor axis (when they divide it).
