@@ -30,6 +30,7 @@
 #   four-3     DP 4 with the radix cache (MT_LIMIT: its time limit, start included).
 #   four-3r    DP 4 as four one-card servers behind jaxsgl.router (cache-aware), started one
 #              then three so the three load the first one's compiled programs.
+#   four-4r    DP 2 x TP 2: two servers of two cards each behind jaxsgl.router.
 #   tp4-profile  bench_one_batch at TP 4 (batch 1 and 128, eight steps a launch) with a trace of
 #              its decode launches, then the same at TP 1 on card 0; each trace summed by kernel
 #              kind.
@@ -365,28 +366,39 @@ four-3() {  # replica 0 compiles the step shapes, the other three load them; MT_
 }
 
 four-3r() {  # DP 4 x TP 1 as four servers behind the router (MT_LIMIT seconds in all)
-    # Card 0's server compiles the step shapes; cards 1-3's then start side by side, each in
+    routed mt-dp4r-radix "" 0 1 2 3
+}
+
+four-4r() {  # DP 2 x TP 2: two TP 2 servers behind the router (MT_LIMIT seconds in all)
+    routed mt-dp2tp2r-radix "--tp-size 2" 0,1 2,3
+}
+
+routed() {  # label, "worker flags", each worker's cards...: the workers behind jaxsgl.router
+    # The first worker compiles the step shapes; the others then start side by side, each in
     # its own process, and load them from its compilation cache.
-    local limit=${MT_LIMIT:-540} t0=$SECONDS label=mt-dp4r-radix pids=() urls=() card
-    for card in 0 1 2 3; do
-        launch "$label-worker$card" "$card" $((30010 + card)) "--context-length 4096"
+    local label=$1 flags=$2 limit=${MT_LIMIT:-540} t0=$SECONDS pids=() urls=() i=0 cards
+    shift 2
+    for cards in "$@"; do
+        launch "$label-worker$i" "$cards" $((30010 + i)) "--context-length 4096 $flags"
         pids+=("$SERVER_PID")
-        urls+=("http://127.0.0.1:$((30010 + card))")
-        if [ "$card" = 0 ] && wait_up 30010 "$SERVER_PID" "$t0" "$limit"; then
-            echo "== $label: card 0's server up in $((SECONDS - t0)) s"
+        urls+=("http://127.0.0.1:$((30010 + i))")
+        if [ "$i" = 0 ] && wait_up 30010 "$SERVER_PID" "$t0" "$limit"; then
+            echo "== $label: the first worker up in $((SECONDS - t0)) s"
         fi
+        i=$((i + 1))
     done
     local up=ok
-    for card in 1 2 3; do
-        wait_up $((30010 + card)) "${pids[$card]}" "$t0" "$limit" || up=
+    for ((i = 1; i < $#; i++)); do
+        wait_up $((30010 + i)) "${pids[$i]}" "$t0" "$limit" || up=
     done
     python -m jaxsgl.router --worker-urls "${urls[@]}" --port 30000 --log-level warning \
         > "$OUT/$label.router.log" 2>&1 &
-    pids+=($!)
-    if [ -n "$up" ] && wait_up 30000 "${pids[4]}" "$t0" "$limit"; then
+    local router=$!
+    pids+=("$router")
+    if [ -n "$up" ] && wait_up 30000 "$router" "$t0" "$limit"; then
         local ready=$((SECONDS - t0))
         bench "$label" 30000 $((limit - ready)) "${MT[@]}"
-        echo "== $label: exit $?, four servers and the router up in $ready s, $((SECONDS - t0)) s in all"
+        echo "== $label: exit $?, the workers and the router up in $ready s, $((SECONDS - t0)) s in all"
     else
         echo "== $label: the servers did not come up"
     fi
@@ -434,4 +446,4 @@ hopper() {
     for f in "$OUT"/prefill_*.log; do echo "--- $f"; tail -n 4 "$f"; done
 }
 
-"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-3r, four-mt, tp4-profile, tp4-variants, tp4-launch, tp4-nccl, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"
+"${@:?serving-1, engine, serving-2, two-mt1, two-mt2, two-mt-profile, kv8, kernels8, four-1, four-2, four-3, four-3r, four-4r, four-mt, tp4-profile, tp4-variants, tp4-launch, tp4-nccl, allreduce, probe, hopper or random-tp1 CARDS CEILINGS}"

@@ -16,10 +16,14 @@ from pathlib import Path
 import numpy as np
 from serving_table import table_rows
 
+# (result files, the first found is drawn; the bars' group): DP 4 in one server or behind the
+# router (`gpu_lanes.sh four-3`, `four-3r`), DP 2 x TP 2 behind it (`four-4r`).
 RUNS = (
-    ("mt-tp1-radix", "TP 1 + radix"),
-    ("mt-tp2-radix", "TP 2 + radix"),
-    ("mt-tp4-radix", "TP 4 + radix"),
+    (("mt-tp1-radix",), "TP 1 + radix"),
+    (("mt-tp2-radix",), "TP 2 + radix"),
+    (("mt-tp4-radix",), "TP 4 + radix"),
+    (("mt-dp4r-radix", "mt-dp4-radix"), "DP 4 × TP 1 + radix"),
+    (("mt-dp2tp2r-radix",), "DP 2 × TP 2 + radix"),
 )
 # (panel, row key, goals as (value, label)) — the ratio goals of the deployment table.
 PANELS = (
@@ -44,9 +48,13 @@ def main(argv=None) -> None:
         if not sep:
             raise SystemExit(f"{item!r} is not LABEL=FOLDER")
         base = Path(folder) / "mt-tp1-noradix.json"
-        names = [name for name, _ in RUNS if (Path(folder) / f"{name}.json").exists()]
-        found = table_rows([str(Path(folder) / f"{name}.json") for name in names], str(base))
-        rows = dict(zip(names, found, strict=True))
+        drawn = {}  # the bars' group: its file
+        for files, group in RUNS:
+            name = next((f for f in files if (Path(folder) / f"{f}.json").exists()), None)
+            if name is not None:
+                drawn[group] = Path(folder) / f"{name}.json"
+        found = table_rows([str(path) for path in drawn.values()], str(base))
+        rows = dict(zip(drawn, found, strict=True))
         configs.append((label, rows))
 
     import matplotlib
@@ -56,12 +64,14 @@ def main(argv=None) -> None:
 
     ncol = min(len(configs), 3)  # the legend's columns, under the panels
     legend_rows = -(-len(configs) // ncol)
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(6 * len(PANELS), 4.8 + 0.25 * legend_rows))
+    fig, axes = plt.subplots(
+        len(PANELS), 1, figsize=(2.4 * len(RUNS), 4.0 * len(PANELS) + 0.3 * legend_rows)
+    )
     x = np.arange(len(RUNS))
     width = 0.8 / len(configs)
     for ax, (title, key, goals) in zip(axes, PANELS, strict=True):
         for i, (label, rows) in enumerate(configs):
-            values = [rows[name][key] if name in rows else np.nan for name, _ in RUNS]
+            values = [rows[group][key] if group in rows else np.nan for _, group in RUNS]
             bars = ax.bar(x + i * width, values, width, label=label)
             labels = [f"{v:.2f}" if np.isfinite(v) else "" for v in values]
             ax.bar_label(bars, labels=labels, fontsize="x-small", rotation=90, padding=2)
@@ -69,12 +79,12 @@ def main(argv=None) -> None:
             ax.axhline(value, color="k", linestyle="--", linewidth=1)
             ax.annotate(text, (x[0] - 0.1, value), ha="left", va="bottom", fontsize="small")
         ax.axhline(1.0, color="grey", linewidth=0.8)
-        ax.set_xticks(x + width * (len(configs) - 1) / 2, [name for _, name in RUNS])
+        ax.set_xticks(x + width * (len(configs) - 1) / 2, [group for _, group in RUNS])
         ax.set_title(title, fontsize="medium")
         ax.grid(axis="y", alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize="small")
-    fig.tight_layout(rect=(0, 0.045 * legend_rows + 0.01, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 * legend_rows + 0.01, 1, 1))
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out}")
 
