@@ -399,6 +399,9 @@ routed() {  # label, "worker flags", each worker's cards...: the workers behind 
         local ready=$((SECONDS - t0))
         bench "$label" 30000 $((limit - ready)) "${MT[@]}"
         echo "== $label: exit $?, the workers and the router up in $ready s, $((SECONDS - t0)) s in all"
+        # Its placements (cache or balance) and each worker's requests.
+        curl -s --max-time 5 localhost:30000/metrics | grep '^jaxsgl_router' \
+            > "$OUT/$label.router-metrics.txt"
     else
         echo "== $label: the servers did not come up"
     fi
