@@ -74,7 +74,7 @@ def kv_pages_for(options: EngineOptions, loaded: LoadedModel, context_length: in
     if options.max_total_tokens is not None:
         tokens = options.max_total_tokens
     else:
-        tokens = _tokens_from_memory(options, loaded) or CPU_DEFAULT_TOKENS
+        tokens = _tokens_from_memory(options, loaded, stats) or CPU_DEFAULT_TOKENS
     num_pages = -(-tokens // G) + 1
     if (num_pages - 1) * G < min(context_length, 2 * G):
         raise ValueError(f"a KV pool of {tokens} tokens is too small to run anything")
@@ -106,8 +106,8 @@ def check_collective_headroom(bytes_limit: int, tp_size: int) -> None:
         )
 
 
-def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel) -> int | None:
-    _, stats = _memory_stats(loaded)
+def _tokens_from_memory(options: EngineOptions, loaded: LoadedModel, stats: dict) -> int | None:
+    """The pool's tokens from the device's memory statistics `stats` (None without them)."""
     if "bytes_limit" not in stats:
         return None
     budget = stats["bytes_limit"] * options.mem_fraction_static - stats["bytes_in_use"]
